@@ -1,0 +1,71 @@
+"""fastfib: a fast Fibonacci RPC backend over RabbitMQ.
+
+The public API is small:
+
+- :func:`fib` and :func:`fib_encoded`, the compiled kernel;
+- :class:`FibonacciRpcClient` (blocking) and :class:`fastfib.aio.AsyncFibonacciRpcClient`;
+- the exceptions of :mod:`fastfib.errors`.
+
+The kernel is a compiled extension; there is no pure-Python fallback. Import
+fails, saying how to build it, when the extension is missing.
+"""
+
+from __future__ import annotations
+
+from .errors import (  # noqa: F401
+    ConnectionLost,
+    FastFibError,
+    FibRangeError,
+    InternalServerError,
+    InvalidArgument,
+    OutOfRange,
+    ProtocolError,
+    RemoteError,
+    RpcError,
+    RpcTimeout,
+    Unroutable,
+    UnsupportedFormat,
+)
+
+try:
+    from ._kernel import MAX_N, TABLE_MAX_N, encode, fib, fib_encoded, gmp_library_version
+except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
+    raise ImportError(
+        "fastfib's compiled kernel (fastfib._kernel) is not built or does not load "
+        f"({exc}). Build it with `make build` (or `pip install .`; in a source checkout also "
+        "`python setup.py build_ext --inplace`). fastfib has no pure-Python fallback."
+    ) from exc
+
+__version__ = "0.1.0"
+
+
+def kernel_info() -> str:
+    """One line naming the kernel and the gmpy2 and GMP it runs with."""
+    import gmpy2
+
+    return (
+        f"fastfib {__version__} compiled kernel; gmpy2 {gmpy2.version()} "
+        f"({gmpy2.mp_version()}); linked GMP {gmp_library_version()}"
+    )
+
+
+__all__ = [
+    "MAX_N",
+    "TABLE_MAX_N",
+    "fib",
+    "fib_encoded",
+    "encode",
+    "kernel_info",
+    "FastFibError",
+    "FibRangeError",
+    "RpcError",
+    "RemoteError",
+    "InvalidArgument",
+    "OutOfRange",
+    "UnsupportedFormat",
+    "InternalServerError",
+    "RpcTimeout",
+    "Unroutable",
+    "ConnectionLost",
+    "ProtocolError",
+]
