@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, binding=False
 """Compiled Fibonacci kernel: fast doubling on GMP integers through gmpy2's C-API.
 
 Private module: use :func:`fastfib.fib` and :func:`fastfib.fib_encoded`.
@@ -16,8 +16,10 @@ and the last step computes F(n) alone with one multiplication::
     F[2k+1] = (2 F[k] + F[k-1]) (2 F[k] - F[k-1]) + 2(-1)^k
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF
 from libc.string cimport strlen
 
 from gmpy2 cimport *
@@ -42,6 +44,9 @@ cdef extern from "gmp.h":
 
 cdef extern from "Python.h":
     int _PyBytes_Resize(PyObject **, Py_ssize_t) except -1
+    # The same C function as PyBytes_FromStringAndSize, declared to hand back a
+    # raw owned reference that _PyBytes_Resize may replace.
+    PyObject *_bytes_new "PyBytes_FromStringAndSize"(const char *, Py_ssize_t) except NULL
 
 import_gmpy2()
 
@@ -189,6 +194,7 @@ cdef unsigned long _check_n(object n) except? 0:
     return <unsigned long>v
 
 
+@cython.always_allow_keywords(False)  # METH_O: the cheapest call CPython has
 def fib(n):
     """F(n) as a ``gmpy2.mpz``, for 0 <= n <= MAX_N."""
     cdef unsigned long un = _check_n(n)
@@ -207,9 +213,10 @@ cdef bytes encode_decimal(mpz_srcptr z):
     # sizeinbase(10) is exact or one too large; a bytes object keeps one spare
     # byte past its size for the NUL that mpz_get_str writes.
     cdef Py_ssize_t size = <Py_ssize_t>mpz_sizeinbase(z, 10)
-    cdef object out = PyBytes_FromStringAndSize(NULL, size)
-    cdef char *buf = PyBytes_AS_STRING(out)
-    cdef PyObject *ref
+    # A raw, owned reference: _PyBytes_Resize may move the object, so no Cython
+    # variable may hold it until the size is final.
+    cdef PyObject *raw = _bytes_new(NULL, size)
+    cdef char *buf = PyBytes_AS_STRING(<object>raw)
     # As in encode_binary: small values keep the GIL (F(n) for n < NOGIL_MIN_N has < 4200 digits).
     if size < 20000:
         mpz_get_str(buf, 10, z)
@@ -218,9 +225,9 @@ cdef bytes encode_decimal(mpz_srcptr z):
             mpz_get_str(buf, 10, z)
     cdef Py_ssize_t used = <Py_ssize_t>strlen(buf)
     if used != size:
-        ref = <PyObject *>out
-        _PyBytes_Resize(&ref, used)
-        out = <object>ref
+        _PyBytes_Resize(&raw, used)  # frees the object and raises on failure
+    cdef object out = <object>raw  # takes a second reference...
+    Py_DECREF(out)                 # ...so give back the one _bytes_new made
     return out
 
 

@@ -1,0 +1,13 @@
+"""Type stubs for the compiled kernel, fastfib._kernel."""
+
+from typing import Literal, SupportsIndex
+
+import gmpy2
+
+MAX_N: int
+TABLE_MAX_N: int
+
+def fib(n: SupportsIndex) -> gmpy2.mpz: ...
+def fib_encoded(n: SupportsIndex, fmt: Literal["decimal", "binary"] = "decimal") -> bytes: ...
+def encode(z: int | gmpy2.mpz, fmt: Literal["decimal", "binary"] = "decimal") -> bytes: ...
+def gmp_library_version() -> str: ...
