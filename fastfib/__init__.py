@@ -36,6 +36,8 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
         "`python setup.py build_ext --inplace`). fastfib has no pure-Python fallback."
     ) from exc
 
+from .client import FibonacciRpcClient  # noqa: E402, F401
+
 __version__ = "0.1.0"
 
 
@@ -54,6 +56,7 @@ __all__ = [
     "TABLE_MAX_N",
     "fib",
     "fib_encoded",
+    "FibonacciRpcClient",
     "encode",
     "kernel_info",
     "FastFibError",

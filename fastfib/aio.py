@@ -1,0 +1,469 @@
+"""The asyncio client: :class:`AsyncFibonacciRpcClient`.
+
+Same wire behaviour and semantics as the blocking :class:`fastfib.client.FibonacciRpcClient`
+(Direct Reply-to or an exclusive reply queue, binary replies by default,
+``expiration`` + ``x-deadline-ms``, mandatory publishes, typed errors,
+reconnect and resend), on pika's :class:`~pika.adapters.asyncio_connection.AsyncioConnection`:
+one connection, one channel, and a future per request keyed by its
+correlation id, so that any number of coroutines can await calls at once.
+
+pika's asyncio adapter watches the socket with ``loop.add_reader``, which
+the default event loop on Linux and macOS supports; Windows'
+``ProactorEventLoop`` does not (use ``WindowsSelectorEventLoopPolicy``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import pika.exceptions
+from pika.adapters.asyncio_connection import AsyncioConnection
+from pika.spec import BasicProperties
+
+from .client import (
+    _AUTH_ERRORS,
+    _LINK_ERRORS,
+    _MAX_WIRE_N,
+    _RECONNECT_FIRST_DELAY,
+    _RECONNECT_MAX_DELAY,
+    DEFAULT_TIMEOUT,
+    REPLY_DIRECT,
+    REPLY_EXCLUSIVE,
+    _accept_for,
+    _check_n,
+    _check_reply_queue,
+    _check_timeout,
+    _check_window,
+    _connection_parameters,
+    _consumer_note,
+    _lost_message,
+    _PropertiesTemplate,
+    _timeout_message,
+    _unroutable,
+)
+from .errors import ConnectionLost, ProtocolError, RemoteError, RpcError, RpcTimeout, Unroutable
+from .protocol import DEFAULT_QUEUE, DIRECT_REPLY_TO, decode_reply
+
+__all__ = ["AsyncFibonacciRpcClient"]
+
+_log = logging.getLogger(__name__)
+
+#: How long a timeout waits at most for the passive declare that explains it.
+_NOTE_TIMEOUT = 2.0
+
+
+class _TimedOut(Exception):
+    """Internal: set on a request's future when its timer fires."""
+
+
+class _Request:
+    __slots__ = ("body", "future", "deadline", "deadline_ms", "generation")
+
+    def __init__(self, body: bytes, future: asyncio.Future, deadline: float, deadline_ms: int) -> None:
+        self.body = body
+        self.future = future
+        self.deadline = deadline  # loop.time()
+        self.deadline_ms = deadline_ms  # Unix epoch ms, the x-deadline-ms header
+        self.generation = -1  # the connection it was last published on; -1: not yet
+
+
+class AsyncFibonacciRpcClient:
+    """Asyncio client of the Fibonacci RPC service.
+
+    ::
+
+        async with AsyncFibonacciRpcClient() as fib:
+            print(await fib.call(30))
+            print(await asyncio.gather(*(fib.call(n) for n in range(1000))))
+
+    Arguments as for :class:`fastfib.client.FibonacciRpcClient`. The client
+    belongs to the event loop it connected on; using it from another loop or
+    thread raises ``RuntimeError``. ``await client.connect()`` (or ``async
+    with``) connects and raises :class:`~fastfib.errors.ConnectionLost` when
+    it cannot; a call on a client that never connected connects first.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        queue: str = DEFAULT_QUEUE,
+        *,
+        timeout: float | None = None,
+        format: str = "binary",
+        reply_queue: str = REPLY_DIRECT,
+        connection_name: str | None = None,
+    ) -> None:
+        self.queue = queue
+        self.timeout = DEFAULT_TIMEOUT if timeout is None else _check_timeout(timeout)
+        self.format = format
+        self._accept = _accept_for(format)
+        self.reply_queue = _check_reply_queue(reply_queue)
+        self._params = _connection_parameters(url, connection_name, "aio-client")
+        self.connection_name: str = self._params.client_properties["connection_name"]
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conn: AsyncioConnection | None = None
+        self._channel: Any = None  # set only while open and consuming replies
+        self._reply_to = DIRECT_REPLY_TO
+        self._generation = 0
+        self._pending: dict[str, _Request] = {}
+        self._reconnector: asyncio.Task | None = None
+        self._last_error: BaseException | None = None
+        self._note_task: asyncio.Task | None = None
+        self._closed = False
+
+    # --- lifetime --------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncFibonacciRpcClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect now; raises :class:`~fastfib.errors.ConnectionLost` on failure. Idempotent."""
+        self._bind_loop()
+        if self._closed:
+            raise RpcError("the client is closed")
+        if self._channel is not None:
+            return
+        if self._reconnector is not None and not self._reconnector.done():
+            # A (re)connection is under way: wait for it, bounded by the default timeout.
+            await asyncio.wait({self._reconnector}, timeout=self.timeout)
+            if self._channel is not None:
+                return
+            raise ConnectionLost(_lost_message(self.queue, self._last_error))
+        try:
+            await self._open()
+        except _AUTH_ERRORS as exc:
+            raise ConnectionLost(f"the broker refused the connection: {exc!r}") from exc
+        except (*_LINK_ERRORS, asyncio.TimeoutError) as exc:
+            raise ConnectionLost(f"cannot connect to the broker: {exc!r}") from exc
+
+    async def close(self) -> None:
+        """Close the connection and fail the calls in flight. Idempotent."""
+        self._closed = True
+        for task in (self._reconnector, self._note_task):
+            if task is not None and not task.done():
+                task.cancel()
+        error = RpcError("the client was closed")
+        for req in self._pending.values():
+            if not req.future.done():
+                req.future.set_exception(error)
+        self._pending.clear()
+        conn, self._conn, self._channel = self._conn, None, None
+        if conn is not None and not (conn.is_closed or conn.is_closing):
+            closed = asyncio.get_running_loop().create_future()
+            conn.add_on_close_callback(lambda _c, _r: closed.done() or closed.set_result(None))
+            try:
+                conn.close()
+                await asyncio.wait_for(closed, 5)
+            except Exception:
+                _log.debug("error closing the connection", exc_info=True)
+
+    @property
+    def is_open(self) -> bool:
+        return not self._closed and self._channel is not None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("open" if self._channel is not None else "not connected")
+        return f"<AsyncFibonacciRpcClient queue={self.queue!r} format={self.format!r} {state}>"
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise RuntimeError("this AsyncFibonacciRpcClient belongs to another event loop; use one client per loop")
+        return loop
+
+    # --- the API ---------------------------------------------------------------------
+
+    async def call(self, n: int, timeout: float | None = None) -> int:
+        """F(n), computed by the service. Errors as for the blocking client's ``call``."""
+        if type(n) is not int or n < 0 or n > _MAX_WIRE_N:
+            n = _check_n(n)
+        t = self.timeout if timeout is None else _check_timeout(timeout)
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._bind_loop()
+        return await self._call(b"%d" % n, loop.time() + t, int((time.time() + t) * 1000), t, loop)
+
+    async def call_many(
+        self,
+        ns: Iterable[int],
+        window: int = 64,
+        timeout: float | None = None,
+        *,
+        return_exceptions: bool = False,
+    ) -> list:
+        """[F(n) for n in ns], at most ``window`` in flight, in order; as the blocking ``call_many``."""
+        ns = [n if type(n) is int and 0 <= n <= _MAX_WIRE_N else _check_n(n) for n in ns]
+        window = _check_window(window)
+        t = self.timeout if timeout is None else _check_timeout(timeout)
+        loop = self._bind_loop()
+        deadline = loop.time() + t
+        deadline_ms = int((time.time() + t) * 1000)
+        gate = asyncio.Semaphore(window)
+
+        async def one(n: int) -> Any:
+            async with gate:
+                try:
+                    return await self._call(b"%d" % n, deadline, deadline_ms, t, loop)
+                except (RemoteError, ProtocolError, Unroutable) as exc:
+                    if return_exceptions:
+                        return exc
+                    raise
+
+        tasks = [loop.create_task(one(n)) for n in ns]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+
+    async def _call(self, body: bytes, deadline: float, deadline_ms: int, t: float, loop: Any) -> int:
+        if self._closed:
+            raise RpcError("the client is closed")
+        corr = uuid.uuid4().hex
+        future = loop.create_future()
+        req = _Request(body, future, deadline, deadline_ms)
+        self._pending[corr] = req
+        timer = loop.call_at(deadline, self._expire, corr)
+        try:
+            if self._channel is not None:
+                self._publish(corr, req, deadline - loop.time())
+            else:
+                self._ensure_reconnecting()
+            return await future
+        except _TimedOut:
+            if req.generation == self._generation and self._channel is not None:
+                raise RpcTimeout(_timeout_message(self.queue, t, 1, 1, await self._queue_note())) from None
+            raise ConnectionLost(_lost_message(self.queue, self._last_error)) from self._last_error
+        finally:
+            timer.cancel()
+            self._pending.pop(corr, None)
+
+    def _publish(self, corr: str, req: _Request, remaining: float) -> None:
+        try:
+            self._channel.basic_publish(
+                "", self.queue, req.body, self._props(corr, str(max(1, int(remaining * 1000))), req.deadline_ms), True
+            )
+        except _LINK_ERRORS as exc:  # the connection is going away; on_close will reconnect
+            self._last_error = exc
+            self._ensure_reconnecting()
+            return
+        req.generation = self._generation
+
+    # --- callbacks (run on the event loop) ---------------------------------------------
+
+    def _expire(self, corr: str) -> None:
+        req = self._pending.pop(corr, None)
+        if req is not None and not req.future.done():
+            req.future.set_exception(_TimedOut())
+
+    def _on_reply(self, channel: Any, method: Any, props: BasicProperties, body: bytes) -> None:
+        req = self._pending.pop(props.correlation_id, None)
+        if req is None or req.future.done():
+            _log.debug("dropping a reply with unknown or duplicate correlation id %r", props.correlation_id)
+            return
+        try:
+            req.future.set_result(decode_reply(props.content_type, props.headers, body))
+        except (RemoteError, ProtocolError) as exc:
+            req.future.set_exception(exc)
+        except Exception as exc:  # never let a bad reply escape into pika
+            req.future.set_exception(ProtocolError(f"cannot decode the reply: {exc!r}"))
+
+    def _on_return(self, channel: Any, method: Any, props: BasicProperties, body: bytes) -> None:
+        req = self._pending.pop(props.correlation_id, None)
+        if req is None or req.future.done():
+            _log.debug("dropping a returned request with unknown correlation id %r", props.correlation_id)
+            return
+        req.future.set_exception(_unroutable(method.routing_key, method))
+
+    def _on_connection_closed(self, conn: Any, reason: BaseException) -> None:
+        if conn is not self._conn:
+            return
+        self._conn = self._channel = None
+        self._last_error = reason
+        if not self._closed:
+            _log.info("lost the connection to the broker: %r", reason)
+            if self._pending:
+                self._ensure_reconnecting()
+
+    def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
+        if channel is not self._channel:
+            return
+        self._channel = None
+        self._last_error = reason
+        conn = self._conn
+        if conn is not None and conn.is_open:
+            # The broker closed our channel on a live connection: start over on a new
+            # connection (_on_connection_closed reconnects).
+            conn.close()
+            return
+        # The connection is going down with the channel: forget it and reconnect now.
+        self._conn = None
+        if not self._closed:
+            _log.info("lost the connection to the broker: %r", reason)
+            if self._pending:
+                self._ensure_reconnecting()
+
+    # --- connection management -------------------------------------------------------
+
+    async def _open(self) -> None:
+        """Open a connection and a channel, and start consuming replies."""
+        loop = self._loop
+        assert loop is not None
+        opened = loop.create_future()
+        broken = loop.create_future()  # fails if the connection or channel dies during setup
+
+        def fail(_obj: Any, exc: Any) -> None:
+            if not isinstance(exc, BaseException):
+                exc = pika.exceptions.AMQPConnectionError(str(exc))
+            for f in (opened, broken):
+                if not f.done():
+                    f.set_exception(exc)
+
+        def on_close(conn: Any, exc: BaseException) -> None:
+            if conn is self._conn:
+                self._on_connection_closed(conn, exc)
+            else:
+                fail(conn, exc)
+
+        conn = AsyncioConnection(
+            self._params,
+            on_open_callback=lambda c: opened.done() or opened.set_result(c),
+            on_open_error_callback=fail,
+            on_close_callback=on_close,
+            custom_ioloop=loop,
+        )
+        broken.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception never retrieved"
+
+        async def step(future: asyncio.Future) -> Any:
+            await asyncio.wait({future, broken}, return_when=asyncio.FIRST_COMPLETED)
+            if future.done():
+                return future.result()
+            future.cancel()
+            return broken.result()  # raises
+
+        try:
+            await step(opened)
+            f: asyncio.Future = loop.create_future()
+            conn.channel(on_open_callback=f.set_result)
+            channel = await step(f)
+            channel.add_on_close_callback(fail)
+            channel.add_on_return_callback(self._on_return)
+            if self.reply_queue == REPLY_EXCLUSIVE:
+                f = loop.create_future()
+                channel.queue_declare("", exclusive=True, auto_delete=True, callback=f.set_result)
+                reply_to = (await step(f)).method.queue
+            else:
+                reply_to = DIRECT_REPLY_TO
+            f = loop.create_future()
+            # Direct Reply-to requires consuming, with auto-ack, before publishing.
+            channel.basic_consume(reply_to, self._on_reply, auto_ack=True, callback=f.set_result)
+            await step(f)
+        except BaseException:
+            if not (conn.is_closed or conn.is_closing):
+                conn.close()
+            raise
+        # From here on a channel closure means "reconnect".
+        channel.add_on_close_callback(self._on_channel_closed)
+        if self._closed:
+            conn.close()
+            raise RpcError("the client was closed")
+        self._generation += 1
+        self._conn, self._channel, self._reply_to = conn, channel, reply_to
+        self._props = _PropertiesTemplate(self._accept, reply_to)
+
+    def _ensure_reconnecting(self) -> None:
+        if self._closed:
+            return
+        if self._reconnector is None or self._reconnector.done():
+            self._reconnector = self._loop.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """Reconnect while calls are waiting, then resend what they sent on the lost connection."""
+        delay = _RECONNECT_FIRST_DELAY
+        while not self._closed and self._pending:
+            conn = self._conn
+            if conn is not None:
+                if self._channel is not None and conn.is_open:
+                    break  # connected meanwhile
+                # A connection on its way out: forget it (its close callback is then ignored).
+                self._conn = self._channel = None
+                if not (conn.is_closed or conn.is_closing):
+                    conn.close()
+            latest = max(r.deadline for r in self._pending.values())
+            remaining = latest - self._loop.time()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._open(), remaining)
+            except _AUTH_ERRORS as exc:
+                self._last_error = exc
+                error = ConnectionLost(f"the broker refused the connection: {exc!r}")
+                error.__cause__ = exc
+                for req in list(self._pending.values()):
+                    if not req.future.done():
+                        req.future.set_exception(error)
+                return
+            except (*_LINK_ERRORS, asyncio.TimeoutError) as exc:
+                self._last_error = exc
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, _RECONNECT_MAX_DELAY)
+                continue
+            break
+        if self._channel is None:
+            return
+        # Resend what is not on this connection yet (duplicates are dropped by correlation id).
+        now = self._loop.time()
+        resent = 0
+        for corr, req in list(self._pending.items()):
+            if req.generation != self._generation and not req.future.done():
+                self._publish(corr, req, req.deadline - now)
+                resent += 1
+        if resent:
+            _log.info("reconnected to the broker and resent %d request(s)", resent)
+
+    async def _queue_note(self) -> str:
+        """Describe the service queue for a timeout message; concurrent timeouts share one check."""
+        if self._note_task is None or self._note_task.done():
+            self._note_task = self._loop.create_task(asyncio.wait_for(self._check_queue(), _NOTE_TIMEOUT))
+        try:
+            return await asyncio.shield(self._note_task)
+        except Exception:
+            return ""
+
+    async def _check_queue(self) -> str:
+        conn = self._conn
+        if conn is None or not conn.is_open:
+            return ""
+        loop = self._loop
+        opened = loop.create_future()
+        done = loop.create_future()
+
+        def on_close(_ch: Any, exc: BaseException) -> None:
+            for f in (opened, done):
+                if not f.done():
+                    f.set_exception(exc)
+
+        conn.channel(on_open_callback=opened.set_result)
+        channel = await opened  # (a connection loss leaves this to the wait_for above)
+        channel.add_on_close_callback(on_close)
+        channel.queue_declare(self.queue, passive=True, callback=done.set_result)
+        try:
+            frame = await done
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            return "; the queue does not exist" if exc.reply_code == 404 else ""
+        if channel.is_open:
+            channel.close()
+        return _consumer_note(frame.method)
