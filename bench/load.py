@@ -1,0 +1,516 @@
+"""Load-generator processes.
+
+A load process holds one pika ``BlockingConnection`` and consumes from
+Direct Reply-to (``amq.rabbitmq.reply-to``). The harness runs it as
+``python -m bench.load --url URL`` and drives it over its standard input and
+output, one JSON document a line:
+
+    harness -> load   {"cmd": "prepare", "cell": {...}}      load -> harness  {"ready": true}
+    harness -> load   {"cmd": "go"}                          load -> harness  {"result": {...}}
+    harness -> load   {"cmd": "quit"}
+
+``prepare`` computes the expected replies (so that no verification work falls
+into the measurement), ``go`` runs the cell. Splitting the two lets the harness
+start all the clients of one cell at the same moment.
+
+Two modes:
+
+- ``seq``: one request at a time; the latency of a round trip.
+- ``pipe``: ``window`` requests in flight, a new one sent as each reply comes
+  in; the throughput.
+
+Every reply is checked against ``gmpy2.fib`` (or, for the echo server, against
+the request body). A wrong reply, an error reply, a reply in a format the cell
+forbids, or a reply that never comes (``lost_timeout``) ends the cell at once
+with ``{"result": {"ok": false, "error": "..."}}``; the harness then fails the
+run. Each cell has a warm-up (time and count) that is verified but not
+measured, a measurement window that ends once both ``duration`` seconds and
+``min_count`` replies are reached (or ``max_duration`` is), and a drain: the
+replies still in flight after the window are awaited and verified, not counted.
+
+The same process can instead drive ``fastfib.FibonacciRpcClient`` (``api:
+"client"``): ``call`` in seq mode, ``call_many`` in chunks in pipe mode; that
+measures issue 4's client against the bare pika loop above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import gmpy2
+import pika
+from hdrh.histogram import HdrHistogram
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+BINARY = "application/octet-stream"
+DECIMAL = "text/plain"
+CONTENT_TYPES = {"decimal": DECIMAL, "binary": BINARY}
+
+#: Latencies are recorded in microseconds, from 1 us to one hour, 3 significant digits.
+HIST_LOW, HIST_HIGH, HIST_DIGITS = 1, 3_600_000_000, 3
+
+#: How the distinct-n workload walks [lo, hi] without repeating: n_i = lo + (A*i + B) mod (hi - lo + 1).
+DISTINCT_A = 7_368_787
+DISTINCT_B = 104_729
+#: Each load process of a run gets its own block of indices i, so that no n is asked twice in a run.
+DISTINCT_BLOCK = 40_000
+
+
+class CellFailed(Exception):
+    """A reply was wrong, an error, or lost: the run must fail."""
+
+
+def new_histogram() -> HdrHistogram:
+    return HdrHistogram(HIST_LOW, HIST_HIGH, HIST_DIGITS)
+
+
+def fib_binary(f) -> bytes:
+    return f.to_bytes((f.bit_length() + 7) // 8 or 1, "big")
+
+
+def distinct_n(lo: int, hi: int, i: int) -> int:
+    span = hi - lo + 1
+    if math.gcd(DISTINCT_A, span) != 1:  # pragma: no cover - guarded by the choice of A
+        raise ValueError(f"DISTINCT_A must be coprime to the span {span}")
+    return lo + (DISTINCT_A * i + DISTINCT_B) % span
+
+
+class Workload:
+    """The sequence of n a cell sends, and how each reply is checked."""
+
+    def __init__(self, spec: dict, fmt: str, check: str):
+        self.kind = spec["kind"]
+        self.fmt = fmt
+        self.check = check  # "fib" or "echo"
+        self.spec = spec
+        self.i = 0
+        # expected[(n, content_type)] = exact reply body
+        self.expected: dict[tuple[int, str | None], bytes] = {}
+        self.deferred: list[tuple[int, str | None, bytes]] = []  # distinct: (n, content_type, digest)
+        if self.kind == "fixed":
+            self.ns = [int(spec["n"])]
+        elif self.kind == "hot":
+            self.ns = [int(n) for n in spec["ns"]]
+        elif self.kind == "distinct":
+            self.lo, self.hi = int(spec["lo"]), int(spec["hi"])
+            self.base = int(spec.get("block", 0)) * DISTINCT_BLOCK
+            self.ns = []
+        else:
+            raise ValueError(f"unknown workload kind {self.kind!r}")
+        self.bodies = {n: str(n).encode() for n in self.ns}
+
+    def prepare(self) -> None:
+        """Compute every expected reply before the measurement starts."""
+        if self.check != "fib":
+            return
+        for n in self.ns:
+            f = gmpy2.fib(n)
+            self.expected[(n, DECIMAL)] = str(f).encode()
+            self.expected[(n, BINARY)] = fib_binary(f)
+
+    def next_n(self) -> int:
+        i = self.i
+        self.i += 1
+        if self.kind == "distinct":
+            if i >= DISTINCT_BLOCK:
+                raise CellFailed(f"distinct workload ran out of its block of {DISTINCT_BLOCK} values")
+            return distinct_n(self.lo, self.hi, self.base + i)
+        return self.ns[i % len(self.ns)]
+
+    def body(self, n: int) -> bytes:
+        b = self.bodies.get(n)
+        return b if b is not None else str(n).encode()
+
+    def verify(self, n: int, props: pika.BasicProperties, body: bytes, request_body: bytes, strict_format: bool) -> None:
+        """Raise CellFailed unless ``body`` is the right answer to request n."""
+        if self.check == "echo":
+            if body != request_body:
+                raise CellFailed(f"echo reply {body[:40]!r} is not the request body {request_body!r}")
+            return
+        headers = props.headers or {}
+        if "x-error" in headers:
+            raise CellFailed(f"error reply for n={n}: x-error={headers['x-error']!r} body={body[:200]!r}")
+        ctype = props.content_type
+        if ctype in (None, "", DECIMAL):
+            ctype = DECIMAL  # a reply without content_type is decimal text (the tutorial's server)
+        elif ctype != BINARY:
+            raise CellFailed(f"reply for n={n} has unknown content_type {props.content_type!r}")
+        if strict_format and ctype != CONTENT_TYPES[self.fmt]:
+            raise CellFailed(f"asked for {self.fmt} for n={n}, got content_type {props.content_type!r}")
+        want = self.expected.get((n, ctype))
+        if want is not None:
+            if body != want:
+                raise CellFailed(f"WRONG reply for n={n} ({ctype}): got {_preview(body)}, want {_preview(want)}")
+            return
+        if self.kind != "distinct":
+            raise CellFailed(f"reply for unexpected n={n}")
+        # distinct n: too many values to precompute; keep a digest, check after the window.
+        self.deferred.append((n, ctype, hashlib.blake2b(body, digest_size=16).digest()))
+
+    def verify_deferred(self) -> int:
+        for n, ctype, digest in self.deferred:
+            f = gmpy2.fib(n)
+            want = fib_binary(f) if ctype == BINARY else str(f).encode()
+            if hashlib.blake2b(want, digest_size=16).digest() != digest:
+                raise CellFailed(f"WRONG reply for n={n} ({ctype}): its digest does not match gmpy2.fib({n})")
+        k = len(self.deferred)
+        self.deferred.clear()
+        return k
+
+
+def _preview(b: bytes) -> str:
+    return repr(b) if len(b) <= 40 else f"{b[:20]!r}...{b[-12:]!r} ({len(b)} bytes)"
+
+
+@dataclass
+class Stats:
+    hist: HdrHistogram = field(default_factory=new_histogram)
+    count: int = 0  # replies received inside the measurement window
+    verified: int = 0  # every verified reply: warm-up, window and drain
+    stray: int = 0  # replies with an unknown or repeated correlation id (dropped)
+    t0: float = 0.0  # window start (time.time())
+    t1: float = 0.0  # window end
+    cpu0: tuple = ()
+    cpu1: tuple = ()
+    min_count_reached: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def result(self) -> dict:
+        elapsed = max(self.t1 - self.t0, 1e-9)
+        return {
+            "ok": True,
+            "count": self.count,
+            "verified": self.verified,
+            "stray": self.stray,
+            "t_start": self.t0,
+            "t_end": self.t1,
+            "elapsed": elapsed,
+            "throughput": self.count / elapsed,
+            "hist": self.hist.encode().decode("ascii") if self.hist.get_total_count() else None,
+            "cpu_user": self.cpu1[0] - self.cpu0[0],
+            "cpu_system": self.cpu1[1] - self.cpu0[1],
+            "min_count_reached": self.min_count_reached,
+            "pid": os.getpid(),
+            **self.extra,
+        }
+
+
+class Window:
+    """When the warm-up ends, when the measurement ends."""
+
+    def __init__(self, cell: dict):
+        self.warmup = float(cell.get("warmup", 0.5))
+        self.warmup_count = int(cell.get("warmup_count", 1))
+        self.duration = float(cell.get("duration", 2.0))
+        self.min_count = int(cell.get("min_count", 1))
+        self.max_duration = float(cell.get("max_duration", self.duration + 30.0))
+        self.start = time.perf_counter()
+        self.measuring_since: float | None = None
+        self.done = False
+
+    def tick(self, stats: Stats, replies: int) -> bool:
+        """Called after each reply (``replies`` counts them all); True while the reply counts."""
+        now = time.perf_counter()
+        if self.measuring_since is None:
+            if now - self.start >= self.warmup and replies >= self.warmup_count:
+                self.measuring_since = now
+                stats.t0 = time.time()
+                stats.cpu0 = os.times()[:2]
+            return False
+        stats.count += 1
+        elapsed = now - self.measuring_since
+        if (elapsed >= self.duration and stats.count >= self.min_count) or elapsed >= self.max_duration:
+            stats.min_count_reached = stats.count >= self.min_count
+            self.finish(stats)
+        return True
+
+    def finish(self, stats: Stats) -> None:
+        if not self.done:
+            self.done = True
+            stats.t1 = time.time()
+            stats.cpu1 = os.times()[:2]
+
+    def overdue(self) -> bool:
+        """The warm-up never ended (nothing came back): give up after max_duration."""
+        return time.perf_counter() - self.start > self.warmup + self.max_duration
+
+
+class LoadClient:
+    def __init__(self, url: str):
+        self.url = url
+        self.connection: pika.BlockingConnection | None = None
+        self.channel = None
+        self.on_reply = None
+        self.server_properties: dict = {}
+
+    def connect(self) -> None:
+        if self.connection is not None and self.connection.is_open:
+            return
+        params = pika.URLParameters(self.url)
+        self.connection = pika.BlockingConnection(params)
+        self.channel = self.connection.channel()
+        self.channel.basic_consume(DIRECT_REPLY_TO, self._dispatch, auto_ack=True)
+        try:
+            self.server_properties = _plain(self.connection._impl.server_properties or {})
+        except Exception:
+            self.server_properties = {}
+
+    def _dispatch(self, ch, method, props, body):
+        self.on_reply(props, body)
+
+    def close(self) -> None:
+        if self.connection is not None and self.connection.is_open:
+            try:
+                self.connection.close()
+            except Exception:
+                pass
+
+    # --- the two bare pika modes --------------------------------------------------------
+
+    def run(self, cell: dict, workload: Workload) -> dict:
+        if cell.get("api", "pika") == "client":
+            return run_fastfib_client(self.url, cell, workload)
+        self.connect()
+        if cell["mode"] == "seq":
+            stats = self._run_seq(cell, workload)
+        else:
+            stats = self._run_pipe(cell, workload)
+        stats.verified += workload.verify_deferred() if workload.deferred else 0
+        return stats.result()
+
+    def _props(self, fmt: str):
+        accept = {"accept": BINARY} if fmt == "binary" else None  # decimal: no header, like the tutorial's client
+
+        def make(cid: str) -> pika.BasicProperties:
+            return pika.BasicProperties(reply_to=DIRECT_REPLY_TO, correlation_id=cid, headers=accept)
+
+        return make
+
+    def _run_seq(self, cell: dict, workload: Workload) -> Stats:
+        stats, win = Stats(), Window(cell)
+        queue, strict = cell["queue"], bool(cell.get("strict_format", True))
+        lost_timeout = float(cell.get("lost_timeout", 30.0))
+        make_props = self._props(workload.fmt)
+        publish, conn = self.channel.basic_publish, self.connection
+        state = {"cid": None, "reply": None}
+        replies = 0
+
+        def on_reply(props, body):
+            if props.correlation_id != state["cid"] or state["reply"] is not None:
+                stats.stray += 1
+                return
+            state["reply"] = (time.perf_counter_ns(), props, body)
+
+        self.on_reply = on_reply
+        seq = 0
+        while not win.done:
+            if win.measuring_since is None and win.overdue():
+                raise CellFailed("warm-up never completed")
+            n = workload.next_n()
+            body = workload.body(n)
+            seq += 1
+            cid = state["cid"] = format(seq, "x")
+            state["reply"] = None
+            props = make_props(cid)
+            t_send = time.perf_counter_ns()
+            publish("", queue, body, props)
+            deadline = time.perf_counter() + lost_timeout
+            while state["reply"] is None:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    raise CellFailed(f"LOST reply: no answer for n={n} (correlation_id {cid}) within {lost_timeout:g} s")
+                conn.process_data_events(time_limit=min(left, 1.0))
+            t_recv, rprops, rbody = state["reply"]
+            workload.verify(n, rprops, rbody, body, strict)
+            stats.verified += 1
+            replies += 1
+            if win.tick(stats, replies):
+                stats.hist.record_value(max(1, (t_recv - t_send) // 1000))
+        return stats
+
+    def _run_pipe(self, cell: dict, workload: Workload) -> Stats:
+        stats, win = Stats(), Window(cell)
+        queue, strict = cell["queue"], bool(cell.get("strict_format", True))
+        window = int(cell.get("window", 32))
+        lost_timeout = float(cell.get("lost_timeout", 30.0))
+        make_props = self._props(workload.fmt)
+        publish, conn = self.channel.basic_publish, self.connection
+        pending: dict[str, tuple[int, int, bytes]] = {}  # cid -> (t_send_ns, n, request body)
+        counter = [0, 0]  # sent, replies
+        failure: list[BaseException] = []
+        record = stats.hist.record_value
+
+        def send() -> None:
+            n = workload.next_n()
+            body = workload.body(n)
+            counter[0] += 1
+            cid = format(counter[0], "x")
+            pending[cid] = (time.perf_counter_ns(), n, body)
+            publish("", queue, body, make_props(cid))
+
+        def on_reply(props, body):
+            t_recv = time.perf_counter_ns()
+            entry = pending.pop(props.correlation_id, None)
+            if entry is None:
+                stats.stray += 1
+                return
+            if failure:
+                return
+            t_send, n, request_body = entry
+            try:
+                workload.verify(n, props, body, request_body, strict)
+            except CellFailed as exc:
+                failure.append(exc)
+                return
+            stats.verified += 1
+            counter[1] += 1
+            if win.tick(stats, counter[1]):
+                record(max(1, (t_recv - t_send) // 1000))
+            if not win.done:
+                try:
+                    send()
+                except CellFailed as exc:
+                    failure.append(exc)
+
+        self.on_reply = on_reply
+        for _ in range(window):
+            send()
+        last_progress, last_replies = time.perf_counter(), 0
+        while pending and not failure:
+            conn.process_data_events(time_limit=0.25)
+            now = time.perf_counter()
+            if counter[1] != last_replies:
+                last_progress, last_replies = now, counter[1]
+            elif now - last_progress > lost_timeout:
+                lost = sorted(pending.items())[:3]
+                raise CellFailed(
+                    f"LOST replies: {len(pending)} requests unanswered for {lost_timeout:g} s, e.g. "
+                    + ", ".join(f"n={n} (correlation_id {cid})" for cid, (_, n, _) in lost)
+                )
+            if win.measuring_since is None and win.overdue():
+                raise CellFailed("warm-up never completed")
+        if failure:
+            raise failure[0]
+        win.finish(stats)
+        return stats
+
+
+def run_fastfib_client(url: str, cell: dict, workload: Workload) -> dict:
+    """Measure ``fastfib.FibonacciRpcClient``: ``call`` (seq) or ``call_many`` (pipe)."""
+    from fastfib.client import FibonacciRpcClient
+
+    stats, win = Stats(), Window(cell)
+    window = int(cell.get("window", 32))
+    expected = {n: int(gmpy2.fib(n)) for n in workload.ns}
+    with FibonacciRpcClient(url, queue=cell["queue"]) as client:
+        replies = 0
+        if cell["mode"] == "seq":
+            call = client.call
+            while not win.done:
+                if win.measuring_since is None and win.overdue():
+                    raise CellFailed("warm-up never completed")
+                n = workload.next_n()
+                t_send = time.perf_counter_ns()
+                value = call(n)
+                t_recv = time.perf_counter_ns()
+                if value != expected[n]:
+                    raise CellFailed(f"WRONG value from FibonacciRpcClient.call({n})")
+                stats.verified += 1
+                replies += 1
+                if win.tick(stats, replies):
+                    stats.hist.record_value(max(1, (t_recv - t_send) // 1000))
+        else:
+            # call_many returns only when a whole batch is back: the warm-up and the window are
+            # checked between batches, and a batch counts when it ends inside the window.
+            chunk = int(cell.get("chunk", 1024))
+            while not win.done:
+                if win.measuring_since is None and win.overdue():
+                    raise CellFailed("warm-up never completed")
+                ns = [workload.next_n() for _ in range(chunk)]
+                values = client.call_many(ns, window=window)
+                if len(values) != len(ns) or any(v != expected[n] for n, v in zip(ns, values, strict=True)):
+                    raise CellFailed("WRONG or missing values from FibonacciRpcClient.call_many")
+                stats.verified += len(ns)
+                replies += len(ns)
+                if win.measuring_since is not None:
+                    stats.count += len(ns) - 1  # tick() adds the last one
+                win.tick(stats, replies)
+            stats.extra["chunk"] = chunk
+    win.finish(stats)
+    return stats.result()
+
+
+def _plain(value):
+    """Server properties as JSON-able values."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def serve_stdio(url: str) -> int:
+    """The load process's command loop (see the module docstring)."""
+    out = sys.stdout
+    client = LoadClient(url)
+    cell = workload = None
+
+    def say(doc: dict) -> None:
+        out.write(json.dumps(doc) + "\n")
+        out.flush()
+
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        msg = json.loads(line)
+        cmd = msg.get("cmd")
+        try:
+            if cmd == "prepare":
+                cell = msg["cell"]
+                workload = Workload(cell["workload"], cell.get("format", "decimal"), cell.get("check", "fib"))
+                workload.prepare()
+                if cell.get("api", "pika") == "pika":
+                    client.connect()
+                say({"ready": True, "server_properties": client.server_properties})
+            elif cmd == "go":
+                say({"result": client.run(cell, workload)})
+            elif cmd == "quit":
+                break
+            else:
+                say({"result": {"ok": False, "error": f"unknown command {cmd!r}"}})
+        except CellFailed as exc:
+            say({"ready": False, "result": {"ok": False, "error": str(exc)}})
+            client.close()  # unanswered replies must not leak into the next cell
+            client = LoadClient(url)
+        except Exception as exc:  # a crash is a failure too, with its traceback on stderr
+            traceback.print_exc()
+            say({"ready": False, "result": {"ok": False, "error": f"{type(exc).__name__}: {exc}"}})
+            client.close()
+            client = LoadClient(url)
+    client.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.load", description="benchmark load process (driven by the harness)")
+    parser.add_argument("--url", default="amqp://guest:guest@localhost:5672/%2F")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    return serve_stdio(args.url)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""The benchmark harness (issue 5): `python -m bench` in a small setting, and its reply checks.
+
+The run test drives the real harness end to end against the broker (a quick
+grid with very short windows: the numbers mean nothing, the structure does).
+The load tests prove that a wrong or a lost reply fails a cell loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gmpy2
+import pika
+import pytest
+
+from bench import harness, load
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --- no broker -----------------------------------------------------------------------------
+
+
+def test_distinct_workload_never_repeats_within_a_run():
+    lo, hi = harness.DISTINCT_RANGE
+    seen = set()
+    for block in range(3):
+        w = load.Workload({"kind": "distinct", "lo": lo, "hi": hi, "block": block}, "binary", "fib")
+        for _ in range(5000):
+            n = w.next_n()
+            assert lo <= n <= hi
+            seen.add(n)
+    assert len(seen) == 15000
+
+
+def _props(content_type=None, headers=None):
+    return pika.BasicProperties(content_type=content_type, headers=headers)
+
+
+def test_verify_accepts_right_replies_in_every_encoding():
+    w = load.Workload({"kind": "fixed", "n": 1000}, "binary", "fib")
+    w.prepare()
+    f = gmpy2.fib(1000)
+    w.verify(1000, _props(load.BINARY), load.fib_binary(f), b"1000", strict_format=True)
+    # the tutorial's server: no content_type, decimal text, whatever was asked
+    w.verify(1000, _props(None), str(f).encode(), b"1000", strict_format=False)
+
+
+@pytest.mark.parametrize(
+    "props, body, strict, match",
+    [
+        (_props(load.BINARY), load.fib_binary(gmpy2.fib(1001)), True, "WRONG"),
+        (_props(load.DECIMAL), str(gmpy2.fib(1000)).encode() + b"0", False, "WRONG"),
+        (_props(load.DECIMAL), str(gmpy2.fib(1000)).encode(), True, "asked for binary"),
+        (_props("application/json", {"x-error": "internal"}), b'{"error": "internal"}', True, "error reply"),
+        (_props("text/html"), b"<p>", False, "unknown content_type"),
+    ],
+)
+def test_verify_rejects_wrong_replies(props, body, strict, match):
+    w = load.Workload({"kind": "fixed", "n": 1000}, "binary", "fib")
+    w.prepare()
+    with pytest.raises(load.CellFailed, match=match):
+        w.verify(1000, props, body, b"1000", strict_format=strict)
+
+
+def test_distinct_replies_are_checked_after_the_window():
+    w = load.Workload({"kind": "distinct", "lo": 100_000, "hi": 1_000_000}, "binary", "fib")
+    n = w.next_n()
+    w.verify(n, _props(load.BINARY), load.fib_binary(gmpy2.fib(n)), str(n).encode(), strict_format=True)
+    assert w.verify_deferred() == 1
+    w.verify(n, _props(load.BINARY), load.fib_binary(gmpy2.fib(n + 1)), str(n).encode(), strict_format=True)
+    with pytest.raises(load.CellFailed, match="WRONG"):
+        w.verify_deferred()
+
+
+def test_echo_check():
+    w = load.Workload({"kind": "fixed", "n": 20}, "decimal", "echo")
+    w.verify(20, _props(), b"20", b"20", strict_format=False)
+    with pytest.raises(load.CellFailed):
+        w.verify(20, _props(), b"6765", b"20", strict_format=False)
+
+
+def test_grid_and_naive_cells_not_run():
+    full = harness.build_cells(quick=False, kinds={"client"})
+    fixed = {(c.n, c.fmt, c.mode) for c in full if c.workload == "fixed" and c.api == "pika"}
+    assert fixed == {(n, f, m) for n in (20, 30, 1000, 100_000, 1_000_000) for f in ("decimal", "binary") for m in ("seq", "pipe")}
+    assert {c.workload for c in full} == {"fixed", "hot", "distinct"}
+    naive = harness.ServerSpec("naive", "naive", "naive")
+    ok, reason = harness.applies(naive, harness.Cell("fixed", "decimal", "seq", 1000), max_workers=2)
+    assert not ok and reason.startswith("not run") and "10^209" in reason
+    assert harness.applies(naive, harness.Cell("fixed", "decimal", "seq", 30), max_workers=2) == (True, None)
+
+
+def test_cli_rejects_bad_arguments():
+    p = subprocess.run([sys.executable, "-m", "bench", "--servers", "nope"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and "unknown server" in p.stderr
+
+
+# --- against the broker -------------------------------------------------------------------
+
+
+@pytest.fixture
+def reference_server(broker_url, queue_name):
+    """Start `python -m bench.servers KIND ...` on this test's queue; yields a starter."""
+    procs = []
+
+    def start(kind: str, *extra: str) -> str:
+        proc = subprocess.Popen([sys.executable, "-m", "bench.servers", kind, "--queue", queue_name, "--url", broker_url, *extra],
+                                cwd=ROOT, start_new_session=True)
+        procs.append(proc)
+        control = harness.Control(broker_url)
+        try:
+            deadline = time.time() + 30
+            while control.consumer_count(queue_name) != 1:
+                assert proc.poll() is None, f"server exited with {proc.returncode}"
+                assert time.time() < deadline, "server did not start consuming"
+                control.sleep(0.05)
+        finally:
+            control.close()
+        return queue_name
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait(10)
+    control = harness.Control(broker_url)
+    control.delete(queue_name)
+    control.close()
+
+
+def _cell(queue, mode, **kw):
+    cell = {"queue": queue, "mode": mode, "window": 8, "duration": 0.5, "warmup": 0.1, "min_count": 10,
+            "lost_timeout": 3.0, "check": "fib", "strict_format": True, "format": "decimal",
+            "workload": {"kind": "fixed", "n": 1000}}
+    cell.update(kw)
+    return cell
+
+
+def _run_cell(url, cell):
+    client = load.LoadClient(url)
+    try:
+        w = load.Workload(cell["workload"], cell["format"], cell["check"])
+        w.prepare()
+        return client.run(cell, w)
+    finally:
+        client.close()
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("mode", ["seq", "pipe"])
+def test_load_measures_a_correct_server(broker_url, reference_server, mode):
+    queue = reference_server("gmpy2")
+    res = _run_cell(broker_url, _cell(queue, mode, format="binary"))
+    assert res["ok"] and res["count"] >= 10 and res["verified"] >= res["count"]
+    assert res["throughput"] > 0 and res["hist"]
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("mode", ["seq", "pipe"])
+def test_load_fails_loudly_on_a_wrong_reply(broker_url, reference_server, mode):
+    queue = reference_server("faulty", "--fault", "wrong", "--every", "7")
+    with pytest.raises(load.CellFailed, match="WRONG reply for n=1000"):
+        _run_cell(broker_url, _cell(queue, mode))
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("mode", ["seq", "pipe"])
+def test_load_fails_loudly_on_a_lost_reply(broker_url, reference_server, mode):
+    queue = reference_server("faulty", "--fault", "lose", "--every", "7")
+    with pytest.raises(load.CellFailed, match="LOST repl"):
+        _run_cell(broker_url, _cell(queue, mode, lost_timeout=1.0))
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_quick_benchmark_run_writes_the_report(broker_url, tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--url", broker_url,
+           "--duration", "0.3", "--warmup", "0.1", "--workers", "1", "--naive-calls", "2"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert p.returncode == 0, f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-5000:]}"
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema"] == 1 and report["status"] == "ok" and report["failure"] is None
+    env = report["environment"]
+    for key in ("machine", "python", "packages", "gmp", "rabbitmq", "git"):
+        assert env[key], key
+    assert env["packages"]["pika"] and env["packages"]["gmpy2"] and "GMP" in env["gmp"]
+    assert env["rabbitmq"]["server_properties"]["version"]
+    assert env["machine"]["cpu_count"] >= 1 and env["git"]["commit"]
+    assert report["fastfib"]["serve"], f"fastfib serve was not measured: {report['fastfib']['serve_reason']}"
+
+    rows = report["rows"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["server"] for r in ok} >= {"echo", "naive", "gmpy2", "fastfib-w1"}
+    for r in ok:
+        assert r["throughput_rps"] > 0 and r["count"] > 0 and r["verified"] >= r["count"], r["id"]
+        assert r["cpu"]["server_s"] is not None and r["cpu"]["load_s"] is not None, r["id"]
+        if not (r["api"] == "client" and r["mode"] == "pipe"):
+            assert set(r["latency_us"]) >= {"p50", "p90", "p99", "p99.9"}, r["id"]
+            assert r["latency_us"]["p50"] <= r["latency_us"]["p99"] <= r["latency_us"]["p99.9"]
+            assert r["cdf"] and r["cdf"][-1][0] == pytest.approx(100.0)
+    if report["fastfib"]["client"]:
+        assert {r["cell"] for r in ok if r["server"] == "fastfib-client"} == {"n=20/binary/seq/client", "n=20/binary/pipe/client"}
+    else:
+        assert any("client rows" in n for n in report["notes"])
+    # the naive server: measured at n=30 with a few calls, never at n >= 1000
+    naive30 = next(r for r in ok if r["server"] == "naive" and r["cell"] == "n=30/decimal/seq")
+    assert naive30["count"] == 2
+    not_run = [r for r in rows if r["status"] == "not_run"]
+    assert not_run and all(r["server"] == "naive" and r["reason"].startswith("not run") for r in not_run)
+    # the targets are there, as ratios or with the reason they are not
+    issues = {t["issue"] for t in report["targets"]}
+    assert {"3.1", "3.2", "3.4"} <= issues
+    for t in report["targets"]:
+        assert t["status"] in ("measured", "not_measured")
+        if t["status"] == "measured":
+            assert t["ratio"] > 0 and isinstance(t["passed"], bool)
+        else:
+            assert t["reason"]
+
+    md = (out / "report.md").read_text()
+    for heading in ("# fastfib benchmark report", "## Machine and versions", "## Targets", "## Results"):
+        assert heading in md
+    assert set(report["plots"]) == {"latency_cdf_sequential.png", "latency_cdf_pipelined.png",
+                                    "throughput_vs_workers.png", "speedup_vs_naive.png"}
+    for name in report["plots"]:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({name})" in md
+    assert "targets" in p.stdout  # the rich table at the end
+
+    # the report can be rebuilt from report.json alone
+    (out / "report.md").unlink()
+    p = subprocess.run([sys.executable, "-m", "bench", "report", str(out), "--no-plots"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert (out / "report.md").exists()
+
+
+@pytest.mark.broker
+def test_a_wrong_reply_fails_the_run_and_the_servers_are_stopped(broker_url, tmp_path, monkeypatch):
+    real_specs = harness.server_specs
+
+    def faulty_specs(settings, run_id, fastfib_ok):
+        specs = real_specs(settings, run_id, fastfib_ok)
+        for s in specs:  # the "gmpy2" server answers F(n+1) every 5th request
+            s.argv += ["--prefetch", "8"]
+            s.argv[s.argv.index("gmpy2")] = "faulty"
+            s.argv += ["--fault", "wrong", "--every", "5"]
+        return specs
+
+    monkeypatch.setattr(harness, "server_specs", faulty_specs)
+    settings = harness.Settings(quick=True, url=broker_url, out=tmp_path, duration=0.3, warmup=0.05, repeat=1,
+                                clients=1, window=4, workers=[1], servers=["gmpy2"], naive_calls=2,
+                                lost_timeout=5.0, cache_bytes=None)
+    raw = harness.run(settings)
+    assert raw["failure"] and "WRONG reply" in raw["failure"] and "gmpy2" in raw["failure"]
+    from bench import report
+
+    rep = report.build_report(raw)
+    assert rep["status"] == "failed" and rep["notes"][0].startswith("RUN FAILED")
+    # the server was killed and its queue deleted
+    queue = raw["servers"][0]["queue"]
+    control = harness.Control(broker_url)
+    try:
+        assert control.consumer_count(queue) is None
+    finally:
+        control.close()
+    log = (tmp_path / "logs" / "server-gmpy2.log").read_text()
+    assert "Traceback" not in log
