@@ -25,9 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     # --- serve: owned by the server pool (fastfib.supervisor) -------------------------
-    serve = sub.add_parser("serve", help="run the RPC server pool", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve = sub.add_parser("serve", help="run the RPC server pool")
     _add_serve_arguments(serve)
-    serve.set_defaults(func=_serve)
+    serve.set_defaults(func=_serve, parser=serve)
+
+    # --- health: owned by operations (fastfib.health) ---------------------------------
+    health = sub.add_parser("health", help="check that a pool is connected and consuming (exit 0 if healthy)")
+    _add_health_arguments(health)
+    health.set_defaults(func=_health, parser=health)
 
     # --- call: owned by the client (fastfib.client) -------------------------------------
     call = sub.add_parser(
@@ -57,11 +62,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
-    import os
-
-    from .cache import DEFAULT_CACHE_BYTES
-    from .protocol import DEFAULT_MAX_N, DEFAULT_QUEUE, DEFAULT_URL
-    from .worker import DEFAULT_INLINE_MAX_N, DEFAULT_PREFETCH
+    from .config import add_serve_arguments
 
     serve.description = (
         "Run the RPC server pool in the foreground: a supervisor and N worker processes, each with its own "
@@ -69,72 +70,43 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         "logs 'all N workers consuming' once ready. SIGTERM or SIGINT stops it gracefully (exit 0). "
         "Exit 77: the broker refused the credentials or a permission."
     )
-    serve.add_argument(
-        "--url", action="append", metavar="URL", default=argparse.SUPPRESS,
-        help="broker URL; repeat it for the nodes of a cluster (a worker that loses its node fails over to the "
-             "next). Default: $FASTFIB_URL, else " + DEFAULT_URL.replace("%", "%%"),
+    serve.epilog = (
+        "Every option can also be set with the environment variable shown (an empty one counts as unset); a flag "
+        "wins over the environment, which wins over the default. See docs/server.md and docs/deploy.md."
     )
-    serve.add_argument("--queue", default=DEFAULT_QUEUE, help="the service queue, declared like the tutorial's")
-    serve.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, help="worker processes")
-    serve.add_argument("--prefetch", type=_positive_int, default=DEFAULT_PREFETCH,
-                       help="unacknowledged requests each worker may hold (basic.qos prefetch_count)")
-    serve.add_argument("--max-n", type=_non_negative_int, default=DEFAULT_MAX_N,
-                       help="the largest n served; larger n get an out_of_range error")
-    serve.add_argument("--cache-bytes", type=_non_negative_int, default=DEFAULT_CACHE_BYTES,
-                       help="byte budget of each worker's LRU cache of large replies; 0 turns it off")
-    serve.add_argument("--inline-max-n", type=_non_negative_int, default=DEFAULT_INLINE_MAX_N,
-                       help="n up to this are computed on the I/O thread, larger n on the compute thread")
-    serve.add_argument("--log-level", default="INFO", type=str.upper,
-                       choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
+    add_serve_arguments(serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import os
+    from .config import ConfigError, serve_settings
 
-    from . import MAX_N
-    from .protocol import DEFAULT_URL
-    from .supervisor import serve
-    from .worker import WorkerConfig
-
-    if args.max_n > MAX_N:
-        print(f"fastfib serve: --max-n {args.max_n} is above the kernel's limit {MAX_N}", file=sys.stderr)
-        return EXIT_USAGE
-    urls = tuple(getattr(args, "url", ())) or (os.environ.get("FASTFIB_URL") or DEFAULT_URL,)
-    config = WorkerConfig(
-        urls=urls,
-        queue=args.queue,
-        prefetch=args.prefetch,
-        max_n=args.max_n,
-        cache_bytes=args.cache_bytes,
-        inline_max_n=args.inline_max_n,
-        log_level=args.log_level,
-    )
     try:
-        import pika
+        settings = serve_settings(args)
+        if settings.metrics_port is not None:
+            from .metrics import MetricsUnavailable, require_prometheus
 
-        for url in urls:
-            pika.URLParameters(url)
-    except Exception as exc:
-        print(f"fastfib serve: bad broker URL: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    return serve(config, args.workers)
+            try:
+                require_prometheus()
+            except MetricsUnavailable as exc:
+                raise ConfigError(str(exc)) from None
+    except ConfigError as exc:
+        args.parser.error(str(exc))  # usage and message on stderr, exit 2
+    from .supervisor import serve
+
+    return serve(settings.worker, settings.workers, metrics_port=settings.metrics_port,
+                 metrics_host=settings.metrics_host)
+
+
+def _add_health_arguments(health: argparse.ArgumentParser) -> None:
+    from .health import add_health_arguments
+
+    add_health_arguments(health)
+
+
+def _health(args: argparse.Namespace) -> int:
+    from .health import run
+
+    return run(args)
 
 
 def _add_call_arguments(call: argparse.ArgumentParser) -> None:

@@ -18,10 +18,15 @@ watches:
   and closes its connection (the broker requeues prefetched requests). The
   pool exits 0 once every worker has, or 1 when some had to be killed after
   the grace period. A second signal kills the workers at once.
+
+With ``metrics_port`` (``fastfib serve --metrics-port``), the supervisor also
+serves ``/metrics`` (the whole pool's, :mod:`fastfib.metrics`) and ``/healthz``
+(how many workers consume) over HTTP, from a thread of its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -30,10 +35,15 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 
-from .worker import EXIT_ACCESS_REFUSED, EXIT_FAILURE, EXIT_OK, WorkerConfig, configure_logging, mask_url, run_worker
+from .logs import configure_logging, mask_url
+from .worker import EXIT_ACCESS_REFUSED, EXIT_FAILURE, EXIT_OK, WorkerConfig, run_worker
 
 log = logging.getLogger("fastfib.supervisor")
+
+#: Exit code when the metrics endpoint cannot be set up (prometheus_client missing).
+EXIT_USAGE = 2
 
 RESTART_BASE = 0.5
 RESTART_CAP = 30.0
@@ -56,12 +66,22 @@ class _Slot:
 
 
 class Supervisor:
-    def __init__(self, config: WorkerConfig, workers: int, shutdown_grace: float = SHUTDOWN_GRACE) -> None:
+    """Starts, watches, restarts and stops the workers; see the module's docstring."""
+
+    def __init__(self, config: WorkerConfig, workers: int, shutdown_grace: float = SHUTDOWN_GRACE, *,
+                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
         if workers < 1:
             raise ValueError(f"need at least one worker, got {workers}")
+        if (metrics_port is not None) != config.metrics:
+            config = dataclasses.replace(config, metrics=metrics_port is not None)
         self.config = config
         self.workers = workers
         self.shutdown_grace = shutdown_grace
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
+        self._metrics: Any = None  # fastfib.metrics.PoolMetrics, when metrics_port is set
+        self._health: dict[str, Any] = {"status": "starting", "workers": workers, "consuming": 0,
+                                        "queue": config.queue, "pid": os.getpid()}
         self._ctx = multiprocessing.get_context("spawn")
         self._slots = [_Slot(i) for i in range(workers)]
         self._stopping = False
@@ -82,10 +102,15 @@ class Supervisor:
         old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             log.info(
-                "starting %d worker(s) on queue %r (broker %s, prefetch %d, max n %d, cache %d bytes per worker)",
+                "starting %d worker(s) on queue %r (broker %s, prefetch %d, max n %d, cache %d bytes per worker; "
+                "queue declared as %s)",
                 self.workers, self.config.queue, ", ".join(mask_url(u) for u in self.config.urls),
-                self.config.prefetch, self.config.max_n, self.config.cache_bytes,
+                self.config.prefetch, self.config.max_n, self.config.cache_bytes, self.config.describe_queue(),
             )
+            if self.metrics_port is not None:
+                code = self._start_metrics()
+                if code is not None:
+                    return code
             for slot in self._slots:
                 self._start(slot)
             while not self._stopping:
@@ -93,11 +118,39 @@ class Supervisor:
                 self._restart_due()
             return self._shutdown()
         finally:
+            if self._metrics is not None:
+                self._metrics.close()
+                self._metrics = None
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             self._wake_r.close()
             self._wake_w.close()
+
+    def _start_metrics(self) -> int | None:
+        """Set up the metrics directory and endpoint before any worker starts; an exit code if that fails."""
+        from .metrics import MetricsUnavailable, PoolMetrics
+
+        try:
+            self._metrics = PoolMetrics(self.metrics_host, self.metrics_port, self.workers, self.health)
+        except MetricsUnavailable as exc:
+            log.critical("%s", exc)
+            return EXIT_USAGE
+        except OSError as exc:
+            log.critical("cannot serve metrics on %s:%d: %s", self.metrics_host, self.metrics_port, exc)
+            return EXIT_FAILURE
+        log.info("metrics on %s/metrics, health on %s/healthz (multiprocess files in %s)",
+                 self._metrics.url, self._metrics.url, self._metrics.directory)
+        return None
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """``(healthy, details)``: healthy when every worker consumes and the pool is not stopping.
+
+        Called from the metrics endpoint's thread: it reads a dict the main
+        thread replaces whole, never one it is changing.
+        """
+        snapshot = self._health
+        return snapshot["status"] == "ok", dict(snapshot)
 
     def _on_signal(self, signum: int, frame) -> None:
         # Only flags and os.kill here: the main loop, woken by the wakeup fd, does the logging.
@@ -173,12 +226,22 @@ class Supervisor:
         self._update_readiness()
 
     def _update_readiness(self) -> None:
-        all_consuming = all(s.consuming for s in self._slots)
+        consuming = sum(s.consuming for s in self._slots)
+        all_consuming = consuming == self.workers
         if all_consuming and not self._all_consuming and not self._stopping:
             again = " again" if self._ever_all_consuming else ""
             log.info("all %d workers consuming%s", self.workers, again)
             self._ever_all_consuming = True
         self._all_consuming = all_consuming
+        if self._stopping:
+            status = "stopping"
+        elif all_consuming:
+            status = "ok"
+        else:
+            status = "degraded" if self._ever_all_consuming else "starting"
+        self._health = {**self._health, "status": status, "consuming": consuming}
+        if self._metrics is not None:
+            self._metrics.set_consuming(consuming)
 
     def _reap(self, slot: _Slot) -> None:
         process = slot.process
@@ -190,6 +253,8 @@ class Supervisor:
         slot.process, slot.conn = None, None
         slot.consuming = False
         code = process.exitcode
+        if self._metrics is not None:
+            self._metrics.worker_died(process.pid)
         self._update_readiness()
         if self._stopping:
             return
@@ -205,6 +270,8 @@ class Supervisor:
         log.warning("worker %d (pid %d) %s after %.1f s; restarting it in %.1f s",
                     slot.index, process.pid, _describe_exit(code), lived, delay)
         slot.restart_at = time.monotonic() + delay
+        if self._metrics is not None:
+            self._metrics.worker_restarting(slot.index)
 
     def _restart_due(self) -> None:
         now = time.monotonic()
@@ -215,6 +282,7 @@ class Supervisor:
     # ---------------------------------------------------------------- stopping
 
     def _shutdown(self) -> int:
+        self._update_readiness()  # /healthz says "stopping" from now on
         if self._signal_name:
             log.info("received %s: stopping the pool gracefully", self._signal_name)
         live = [s for s in self._slots if s.process is not None]
@@ -258,7 +326,12 @@ def _describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def serve(config: WorkerConfig, workers: int) -> int:
-    """Run the pool in the foreground until SIGTERM/SIGINT or a fatal error; return the exit code."""
-    configure_logging(config.log_level, f"supervisor[{os.getpid()}]")
-    return Supervisor(config, workers).run()
+def serve(config: WorkerConfig, workers: int, *, metrics_port: int | None = None,
+          metrics_host: str = "127.0.0.1") -> int:
+    """Run the pool in the foreground until SIGTERM/SIGINT or a fatal error; return the exit code.
+
+    ``metrics_port`` (0: any free port) turns on the ``/metrics`` and
+    ``/healthz`` endpoint on ``metrics_host``.
+    """
+    configure_logging(config.log_level, "supervisor", log_format=config.log_format)
+    return Supervisor(config, workers, metrics_port=metrics_port, metrics_host=metrics_host).run()

@@ -48,7 +48,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pika
 import pika.data
@@ -61,6 +61,9 @@ from . import protocol
 from .cache import DEFAULT_CACHE_BYTES, ReplyCache
 from .errors import RemoteError
 from .logs import configure_logging, mask_url  # noqa: F401 - mask_url: part of this module's API
+
+if TYPE_CHECKING:
+    from .metrics import WorkerMetrics
 
 log = logging.getLogger("fastfib.worker")
 
@@ -90,7 +93,8 @@ RECONNECT_CAP = 30.0
 #: How long a graceful stop waits for in-flight computations before closing anyway.
 STOP_TIMEOUT = 30.0
 
-_TICK = 0.2  # seconds between checks for a stop request and for the supervisor's death
+_TICK = 0.2  # seconds between checks for a stop request and the supervisor's death, and metrics flushes
+_clock = time.perf_counter
 
 _DIRECT_REPLY_PREFIX = protocol.DIRECT_REPLY_TO + "."
 _ERROR_HEADERS = {kind: {protocol.HEADER_ERROR: kind} for kind in protocol.ERROR_KINDS}
@@ -225,6 +229,97 @@ def direct_reply_to_ok(reply_to: str) -> bool:
     return len(raw) == pos + alen + tail
 
 
+class _ReplyToProber:
+    """Asks the broker whether replies to a Direct Reply-to name are safe, on a connection of its own.
+
+    A name can be well-formed and still cost the publisher its connection:
+    RabbitMQ 3.10 decodes the pid part and crashes the publishing channel
+    (connection closed, 541 INTERNAL_ERROR) when its node hash names no running
+    cluster node (``reply@<hash>``), when the node atom is not valid UTF-8, or
+    when the pid's id or serial is out of Erlang's range. Only the broker knows
+    which hashes are valid, so the worker asks it (issue 6): this thread
+    publishes an empty message to the same pid with a random key, which the
+    broker drops (a channel takes only replies with its own key), then does a
+    ``basic.qos`` round trip on the same channel. ``qos-ok`` means the broker
+    handled the publish: the name is safe. A 541 close means it is not, and
+    only this probe connection paid for it. Verdicts go to ``callback(name,
+    True | False | None)`` (None: the probe itself failed). Probes run one at a
+    time; the connection is kept (heartbeats off: it idles) and reopened after
+    a failure.
+    """
+
+    def __init__(self, index: int) -> None:
+        self._index = index
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._connection: pika.BlockingConnection | None = None
+        self._channel = None
+        self._url: str | None = None
+
+    def submit(self, url: str, name: str, callback: Callable[[str, bool | None], None]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"fastfib-reply-to-probe-{self._index}",
+                                            daemon=True)
+            self._thread.start()
+        self._jobs.put((url, name, callback))
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                self._drop()
+                return
+            url, name, callback = job
+            verdict = self._probe(url, name)
+            try:
+                callback(name, verdict)
+            except Exception:  # the I/O loop is closed: the worker is exiting
+                self._drop()
+                return
+
+    def _probe(self, url: str, name: str) -> bool | None:
+        pid_part = name[len(_DIRECT_REPLY_PREFIX):].partition(".")[0]
+        probe = f"{_DIRECT_REPLY_PREFIX}{pid_part}.{base64.b64encode(os.urandom(16)).decode()}"
+        for _ in range(2):  # a connection that went stale while idle gets one fresh retry
+            try:
+                if self._connection is None or not self._connection.is_open or url != self._url:
+                    self._open(url)
+                self._channel.basic_publish("", probe, b"")
+                self._channel.basic_qos(prefetch_count=0)
+                return True
+            except pika.exceptions.ConnectionClosedByBroker as exc:
+                self._drop()
+                if exc.reply_code == 541:
+                    return False
+            except Exception as exc:  # noqa: BLE001 - any failure of the probe is "cannot tell"
+                log.debug("reply_to probe failed: %s", _describe(exc))
+                self._drop()
+        return None
+
+    def _open(self, url: str) -> None:
+        self._drop()
+        params = pika.URLParameters(url)
+        params.heartbeat = 0
+        params.socket_timeout = params.stack_timeout = params.blocked_connection_timeout = 10.0
+        params.connection_attempts = 1
+        params.client_properties = {"connection_name": f"fastfib-worker-{self._index} reply-to probe pid={os.getpid()}"}
+        self._connection = pika.BlockingConnection(params)
+        self._url = url
+        self._channel = self._connection.channel()
+
+    def _drop(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+
+
 class _Job:
     """One F(n) for the compute thread, and the requests waiting for it.
 
@@ -235,11 +330,13 @@ class _Job:
 
     __slots__ = ("channel", "n", "fmt", "waiters", "body", "error", "skipped")
 
-    def __init__(self, channel, n: int, fmt: str, tag: int, reply_to: str, correlation_id) -> None:
+    def __init__(self, channel, n: int, fmt: str, tag: int, reply_to: str, correlation_id,
+                 start: float | None = None) -> None:
         self.channel = channel
         self.n = n
         self.fmt = fmt
-        self.waiters: list[tuple[int, str, Any]] = [(tag, reply_to, correlation_id)]
+        # (delivery tag, reply_to, correlation_id, when it was received: perf_counter() or None)
+        self.waiters: list[tuple[int, str, Any, float | None]] = [(tag, reply_to, correlation_id, start)]
         self.body: bytes | None = None
         self.error: BaseException | None = None
         self.skipped = False
@@ -594,6 +691,7 @@ class Worker:
         *,
         compute: Callable[[int, str], bytes] | None = None,
         on_event: Callable[[str, str], None] | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         if not config.urls:
             raise ValueError("at least one broker URL is needed")
@@ -603,6 +701,10 @@ class Worker:
         self.exit_code = EXIT_OK
         self._compute = compute if compute is not None else _kernel_encoder()
         self._on_event = on_event or (lambda name, detail: None)
+        # Pool-wide metrics (fastfib.metrics): the hot path only times replies into a local
+        # histogram; _tick hands the counters to prometheus_client every _TICK seconds.
+        self._metrics = metrics
+        self._durations = metrics.durations if metrics is not None else None
         self._params = [pika.URLParameters(url) for url in config.urls]
         for params in self._params:  # shown by `rabbitmqctl list_connections client_properties` and the UI
             params.client_properties = {"connection_name": f"fastfib-worker-{index} pid={os.getpid()} queue={config.queue}"}
@@ -619,6 +721,7 @@ class Worker:
         self._channel = None
         self._consumer_tag: str | None = None
         self._passive_declare = False
+        self._queue_declaration = config.queue_declaration()
         self._reconnect_timer = None
 
         # Per-channel state, reset by _reset_channel_state().
@@ -637,11 +740,15 @@ class Worker:
 
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # Direct Reply-to names -> safe to reply to (True) or not (False); see _ReplyToProber.
         self._reply_to_ok: dict[str, bool] = {}
+        self._probing: dict[str, list] = {}  # name -> deliveries waiting for the broker's verdict on it
+        self._prober = _ReplyToProber(index)
         self._internal_ids = itertools.count(1)
         self._log_no_reply_to = _RateLimitedLog(log, logging.WARNING)
         self._log_bad_reply_to = _RateLimitedLog(log, logging.WARNING)
         self._log_internal = _RateLimitedLog(log, logging.ERROR, interval=1.0)
+        self._log_metrics = _RateLimitedLog(log, logging.ERROR, interval=60.0)
 
     # ------------------------------------------------------------------ running
 
@@ -659,8 +766,10 @@ class Worker:
             self._ioloop.start()
         finally:
             self._jobs.put(None)
+            self._prober.stop()
             self._thread.join(timeout=5.0)
             self._ioloop.close()
+            self._flush_metrics()
         log.info("worker stopped (exit code %d)", self.exit_code)
         return self.exit_code
 
@@ -672,6 +781,8 @@ class Worker:
         self._stop_requested = True
 
     def _tick(self) -> None:
+        if self._metrics is not None:
+            self._flush_metrics()
         if self._stop_requested and not self._stopping:
             self._begin_stop("stop requested")
         elif self._watch_parent and not self._stopping and os.getppid() != self._parent_pid:
@@ -684,6 +795,15 @@ class Worker:
             self._inflight.clear()
             self._finish_stop()
         self._ioloop.call_later(_TICK, self._tick)
+
+    def _flush_metrics(self) -> None:
+        metrics = self._metrics
+        if metrics is None:
+            return
+        try:
+            metrics.flush(self.stats, self._cache, len(self._inflight))
+        except Exception:  # metrics must never cost the worker its requests
+            self._log_metrics("cannot update the metrics", exc_info=True)
 
     # --------------------------------------------------------------- connecting
 
@@ -736,6 +856,10 @@ class Worker:
             self._ioloop.stop()
             return
         self._on_event("disconnected", _describe(reason))
+        if getattr(reason, "reply_code", None) == 541:
+            # Possibly a reply to a name vetted earlier whose node has left the cluster since:
+            # vet every name again, so that its redelivered request is dropped, not a crash loop.
+            self._reply_to_ok.clear()
         fatal = _fatal_reason(reason)
         url = self._masked[self._url_index]
         if fatal:
@@ -770,9 +894,11 @@ class Worker:
         self._declare_queue()
 
     def _declare_queue(self) -> None:
-        # Exactly the tutorial's queue_declare(queue=Q): not durable, no arguments.
+        # By default exactly the tutorial's queue_declare(queue=Q): not durable, no arguments.
+        durable, arguments = self._queue_declaration
         self._channel.queue_declare(
-            queue=self.config.queue, passive=self._passive_declare, callback=self._on_queue_declareok
+            queue=self.config.queue, passive=self._passive_declare, durable=durable, arguments=arguments,
+            callback=self._on_queue_declareok,
         )
 
     def _on_queue_declareok(self, frame) -> None:
@@ -822,18 +948,24 @@ class Worker:
             self._fatal(f"permission refused by the broker at {self._masked[self._url_index]}: {_describe(reason)}")
             return
         if code == 406 and not self._passive_declare:
-            log.warning("queue %r exists with other attributes than the tutorial's (%s); serving it as it is",
-                        self.config.queue, _describe(reason))
+            log.warning("queue %r exists with other attributes than %s (%s); serving it as it is",
+                        self.config.queue, self._queue_wanted(), _describe(reason))
             self._passive_declare = True
             self._open_channel()
             return
         if code == 404 and self._passive_declare:
-            log.warning("queue %r is gone (%s); declaring it like the tutorial", self.config.queue, _describe(reason))
+            log.warning("queue %r is gone (%s); declaring it %s", self.config.queue, _describe(reason),
+                        "like the tutorial" if self._queue_declaration == (False, None) else "as configured")
             self._passive_declare = False
             self._open_channel()
             return
         log.warning("channel closed by the broker: %s; reconnecting", _describe(reason))
         connection.close()  # _on_connection_closed schedules the reconnection
+
+    def _queue_wanted(self) -> str:
+        if self._queue_declaration == (False, None):
+            return "the tutorial's"
+        return f"the configured ones ({self.config.describe_queue()})"
 
     def _reset_channel_state(self) -> None:
         # Delivery tags belong to a channel: what was unacknowledged on the old one is redelivered.
@@ -915,6 +1047,7 @@ class Worker:
 
     def _handle(self, channel, tag: int, props, body: bytes) -> None:
         self.stats.received += 1
+        start = _clock() if self._durations is not None else None
         reply_to = props.reply_to
         n = None
         try:
@@ -925,8 +1058,11 @@ class Worker:
                 self._done(tag)
                 return
             if type(reply_to) is not str or (reply_to.startswith(_DIRECT_REPLY_PREFIX)
-                                             and not self._check_direct_reply_to(reply_to)):
-                # Not UTF-8 (pika hands it over as bytes), or a malformed Direct Reply-to name.
+                                             and self._reply_to_ok.get(reply_to) is not True):
+                if type(reply_to) is str and self._defer_to_probe(channel, tag, props, body):
+                    return  # handled again once the broker has vetted the name (_on_reply_to_probed)
+                # Not UTF-8 (pika hands it over as bytes), or a Direct Reply-to name that is
+                # malformed or that the broker cannot take (it would close our connection).
                 self.stats.no_reply_to += 1
                 self._log_bad_reply_to("request with an unusable reply_to %r acknowledged and dropped",
                                        reply_to[:80])
@@ -952,35 +1088,71 @@ class Worker:
                     self._inflight.add(tag)
                     job = self._computing.get(key)
                     if job is not None:
-                        job.waiters.append((tag, reply_to, props.correlation_id))
+                        job.waiters.append((tag, reply_to, props.correlation_id, start))
                     else:
                         self.stats.offloaded += 1
-                        job = self._computing[key] = _Job(channel, n, fmt, tag, reply_to, props.correlation_id)
+                        job = self._computing[key] = _Job(channel, n, fmt, tag, reply_to, props.correlation_id, start)
                         self._jobs.put(job)
                     return
                 self.stats.cache_hits += 1
-            self._reply(channel, reply_to, props.correlation_id, fmt, payload)
+            self._reply(channel, reply_to, props.correlation_id, fmt, payload, start)
         except RemoteError as exc:  # the request's own fault: an error reply, acknowledged once
             try:
-                self._reply_error(channel, reply_to, props.correlation_id, exc.kind, exc.message)
+                self._reply_error(channel, reply_to, props.correlation_id, exc.kind, exc.message, start)
             except Exception:
-                self._internal_error(channel, tag, reply_to, props.correlation_id, "replying with an error")
+                self._internal_error(channel, tag, reply_to, props.correlation_id, "replying with an error", start)
                 return
         except Exception:
             what = "parsing the request" if n is None else f"serving F({n})"
-            self._internal_error(channel, tag, reply_to, props.correlation_id, what)
+            self._internal_error(channel, tag, reply_to, props.correlation_id, what, start)
             return
         self._done(tag)
 
-    def _check_direct_reply_to(self, reply_to: str) -> bool:
-        ok = self._reply_to_ok.get(reply_to)
-        if ok is None:
-            if len(self._reply_to_ok) >= 4096:
-                self._reply_to_ok.clear()
-            ok = self._reply_to_ok[reply_to] = direct_reply_to_ok(reply_to)
-        return ok
+    def _defer_to_probe(self, channel, tag: int, props, body: bytes) -> bool:
+        """Hold a request whose Direct Reply-to name is not vetted yet until the broker has vetted it.
 
-    def _reply(self, channel, reply_to: str, correlation_id, fmt: str, payload: bytes) -> None:
+        Returns False when the name is known to be unusable (malformed, or refused
+        by the broker): the caller drops the request. Held requests count as in
+        flight, so that no multiple ack covers them and a graceful stop waits for them.
+        """
+        reply_to = props.reply_to
+        if self._reply_to_ok.get(reply_to) is False:
+            return False
+        if not direct_reply_to_ok(reply_to):
+            self._vetted(reply_to, False)
+            return False
+        waiting = self._probing.get(reply_to)
+        if waiting is None:
+            waiting = self._probing[reply_to] = []
+            callback = self._ioloop.add_callback_threadsafe
+            self._prober.submit(self.config.urls[self._url_index], reply_to,
+                                lambda name, ok: callback(functools.partial(self._on_reply_to_probed, name, ok)))
+        waiting.append((channel, tag, props, body))
+        self._inflight.add(tag)
+        return True
+
+    def _vetted(self, reply_to: str, ok: bool) -> None:
+        if len(self._reply_to_ok) >= 4096:
+            self._reply_to_ok.clear()
+        self._reply_to_ok[reply_to] = ok
+
+    def _on_reply_to_probed(self, reply_to: str, ok: bool | None) -> None:
+        if ok is None:  # the probe could not run (broker unreachable?): serve as before the probe existed
+            log.warning("cannot vet the Direct Reply-to name %r with the broker; replying to it unvetted", reply_to[:80])
+        elif not ok:
+            log.warning("the broker cannot deliver to the Direct Reply-to name %r (unknown node or pid); "
+                        "its requests are dropped", reply_to[:80])
+        self._vetted(reply_to, ok is not False)
+        for channel, tag, props, body in self._probing.pop(reply_to, ()):
+            if channel is self._channel and channel.is_open:  # else redelivered on the new channel
+                self._inflight.discard(tag)
+                self.stats.received -= 1  # counted when it arrived
+                self._handle(channel, tag, props, body)
+        if self._stopping:
+            self._maybe_finish_stop()
+
+    def _reply(self, channel, reply_to: str, correlation_id, fmt: str, payload: bytes,
+               start: float | None = None) -> None:
         encoder = self._encoder
         if encoder is not None and channel is self._channel:
             pieces = encoder.frames(reply_to, _CONTENT_TYPE_SHORTSTR[fmt], correlation_id, payload)
@@ -989,15 +1161,21 @@ class Worker:
             props = BasicProperties(content_type=protocol.CONTENT_TYPES[fmt], correlation_id=correlation_id)
             channel.basic_publish("", reply_to, payload, props)
         self.stats.replied += 1
+        if start is not None:
+            self._durations.observe(_clock() - start)
 
-    def _reply_error(self, channel, reply_to: str, correlation_id, kind: str, message: str) -> None:
+    def _reply_error(self, channel, reply_to: str, correlation_id, kind: str, message: str,
+                     start: float | None = None) -> None:
         props = BasicProperties(
             content_type=protocol.CONTENT_ERROR, correlation_id=correlation_id, headers=_ERROR_HEADERS[kind]
         )
         channel.basic_publish("", reply_to, protocol.error_body(kind, message), props)
         self.stats.errors[kind] += 1
+        if start is not None:
+            self._durations.observe(_clock() - start)
 
-    def _internal_error(self, channel, tag: int, reply_to: str, correlation_id, what: str) -> None:
+    def _internal_error(self, channel, tag: int, reply_to: str, correlation_id, what: str,
+                        start: float | None = None) -> None:
         """Log an unexpected exception (the caller is in its ``except``), reply ``internal``, acknowledge."""
         ref = f"{os.getpid()}-{next(self._internal_ids)}"
         self._log_internal("internal error %s while %s (correlation_id %r)", ref, what, correlation_id, exc_info=True)
@@ -1005,7 +1183,7 @@ class Worker:
             return  # the request is redelivered on the next connection
         try:
             self._reply_error(channel, reply_to, correlation_id, protocol.KIND_INTERNAL,
-                              f"internal server error (reference {ref}); the server logged it")
+                              f"internal server error (reference {ref}); the server logged it", start)
         except Exception:
             log.exception("cannot send the internal error reply %s", ref)
             if not channel.is_open:
@@ -1072,23 +1250,23 @@ class Worker:
         key = (job.n, job.fmt)
         if self._computing.get(key) is job:
             del self._computing[key]
-        for tag, _, _ in job.waiters:
+        for tag, *_ in job.waiters:
             self._inflight.discard(tag)
         if job.skipped:
             # Stopping: give the requests back at once, so that another worker takes them.
-            for tag, _, _ in job.waiters:
+            for tag, *_ in job.waiters:
                 self.stats.requeued_on_stop += 1
                 channel.basic_reject(tag, requeue=True)
         elif job.error is not None:
             try:
                 raise job.error
             except Exception:
-                for tag, reply_to, correlation_id in job.waiters:
-                    self._internal_error(channel, tag, reply_to, correlation_id, f"computing F({job.n})")
+                for tag, reply_to, correlation_id, start in job.waiters:
+                    self._internal_error(channel, tag, reply_to, correlation_id, f"computing F({job.n})", start)
         else:
             self._cache.put(key, job.body)
-            for tag, reply_to, correlation_id in job.waiters:
-                self._reply(channel, reply_to, correlation_id, job.fmt, job.body)
+            for tag, reply_to, correlation_id, start in job.waiters:
+                self._reply(channel, reply_to, correlation_id, job.fmt, job.body, start)
                 self._done(tag)
         if self._stopping:
             self._maybe_finish_stop()
@@ -1144,7 +1322,12 @@ def run_worker(index: int, config: WorkerConfig, status_conn=None) -> None:
                 pass
 
     try:
-        worker = Worker(config, index, on_event=on_event)
+        metrics = None
+        if config.metrics:
+            from .metrics import WorkerMetrics  # imports prometheus_client: only when asked for
+
+            metrics = WorkerMetrics(index)
+        worker = Worker(config, index, on_event=on_event, metrics=metrics)
         code = worker.run(install_signal_handlers=True, watch_parent=True)
     except KeyboardInterrupt:
         code = EXIT_OK

@@ -1,0 +1,259 @@
+"""Configuration of ``fastfib serve``: every flag, its ``FASTFIB_*`` variable and its default.
+
+Each option is declared once in :data:`SERVE_OPTIONS`; from that table come the
+argparse flags (``fastfib serve --help`` shows each default and variable),
+the environment lookup and the validation. Precedence: a flag given on the
+command line wins over the environment variable, which wins over the
+default. An empty variable counts as unset (``FASTFIB_X=`` in a systemd
+``EnvironmentFile``). A variable that does not parse is a usage error naming
+the variable (``fastfib serve`` exits 2), the same as a bad flag.
+
+``FASTFIB_URL`` may hold several URLs (cluster nodes) separated by spaces or
+commas; a comma inside a URL must then be written ``%2C``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .cache import DEFAULT_CACHE_BYTES
+from .logs import LOG_FORMATS, LOG_LEVELS, mask_url
+from .protocol import DEFAULT_MAX_N, DEFAULT_QUEUE, DEFAULT_URL
+from .worker import DEFAULT_INLINE_MAX_N, DEFAULT_PREFETCH, QUEUE_TYPES, WorkerConfig
+
+DEFAULT_METRICS_HOST = "127.0.0.1"
+
+
+class ConfigError(ValueError):
+    """A bad or inconsistent setting; the message names the flag or variable."""
+
+
+# --------------------------------------------------------------------------- parsers
+# Each takes the text of a flag or of a variable and raises argparse.ArgumentTypeError.
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def port(text: str) -> int:
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {value}")
+    return value
+
+
+def boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean (1/0, true/false, yes/no, on/off): {text!r}")
+
+
+def choice(*values: str, fold: Callable[[str], str] = str.lower) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = fold(text.strip())
+        if value not in values:
+            raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(values)})")
+        return value
+
+    parse.__name__ = "choice"  # argparse names the type in some messages
+    return parse
+
+
+def non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text.strip()
+
+
+def url_list(text: str) -> list[str]:
+    """URLs separated by spaces or commas (the form of ``FASTFIB_URL``)."""
+    urls = text.replace(",", " ").split()
+    if not urls:
+        raise argparse.ArgumentTypeError("no URL given")
+    return urls
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Option:
+    """One ``serve`` setting: its flag, its environment variable, how it parses, its default."""
+
+    flag: str
+    env: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    metavar: str | None = None
+    kind: str = "value"  # "value", "bool" (--x / --no-x) or "list" (repeatable flag)
+    shown_default: str | None = None  # how --help shows the default, when str(default) will not do
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+def _cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
+SERVE_OPTIONS: tuple[Option, ...] = (
+    Option("--url", "FASTFIB_URL", non_empty, (DEFAULT_URL,), kind="list", metavar="URL",
+           help="broker URL; repeat it for the nodes of a cluster (a worker that loses its node fails over to the "
+                "next). The variable takes several, separated by spaces or commas",
+           shown_default=DEFAULT_URL),
+    Option("--queue", "FASTFIB_QUEUE", non_empty, DEFAULT_QUEUE, help="the service queue"),
+    Option("--workers", "FASTFIB_WORKERS", positive_int, _cpu_count, metavar="N",
+           help="worker processes", shown_default="the CPU count"),
+    Option("--prefetch", "FASTFIB_PREFETCH", positive_int, DEFAULT_PREFETCH, metavar="N",
+           help="unacknowledged requests each worker may hold (basic.qos prefetch_count)"),
+    Option("--max-n", "FASTFIB_MAX_N", non_negative_int, DEFAULT_MAX_N, metavar="N",
+           help="the largest n served; larger n get an out_of_range error"),
+    Option("--cache-bytes", "FASTFIB_CACHE_BYTES", non_negative_int, DEFAULT_CACHE_BYTES, metavar="BYTES",
+           help="byte budget of each worker's LRU cache of large replies; 0 turns it off"),
+    Option("--inline-max-n", "FASTFIB_INLINE_MAX_N", non_negative_int, DEFAULT_INLINE_MAX_N, metavar="N",
+           help="n up to this are computed on the I/O thread, larger n on the compute thread"),
+    Option("--log-level", "FASTFIB_LOG_LEVEL", choice(*LOG_LEVELS, fold=str.upper), "INFO",
+           metavar="{" + ",".join(LOG_LEVELS) + "}", help="log level"),
+    Option("--log-format", "FASTFIB_LOG_FORMAT", choice(*LOG_FORMATS), "text", metavar="{text,json}",
+           help="text: human-readable lines; json: one JSON object per line"),
+    Option("--metrics-port", "FASTFIB_METRICS_PORT", port, None, metavar="PORT",
+           help="serve Prometheus metrics (/metrics) and a health check (/healthz) on this port; 0 picks a free "
+                "port (logged). Needs prometheus_client (pip install 'fastfib[metrics]')", shown_default="off"),
+    Option("--metrics-host", "FASTFIB_METRICS_HOST", non_empty, DEFAULT_METRICS_HOST, metavar="HOST",
+           help="address the metrics endpoint listens on"),
+    Option("--queue-durable", "FASTFIB_QUEUE_DURABLE", boolean, False, kind="bool",
+           help="declare a durable classic queue instead of the tutorial's non-durable one"),
+    Option("--queue-type", "FASTFIB_QUEUE_TYPE", choice(*QUEUE_TYPES), "classic",
+           metavar="{" + ",".join(QUEUE_TYPES) + "}", help="quorum: a replicated, durable quorum queue"),
+    Option("--dead-letter-exchange", "FASTFIB_DEAD_LETTER_EXCHANGE", non_empty, None, metavar="EXCHANGE",
+           help="declare the queue with this dead-letter exchange (x-dead-letter-exchange); declaring the "
+                "exchange and binding a queue to it is the deployment's job", shown_default="none"),
+    Option("--dead-letter-routing-key", "FASTFIB_DEAD_LETTER_ROUTING_KEY", non_empty, None, metavar="KEY",
+           help="routing key for dead-lettered requests (x-dead-letter-routing-key)",
+           shown_default="the request's own"),
+    Option("--delivery-limit", "FASTFIB_DELIVERY_LIMIT", positive_int, None, metavar="N",
+           help="quorum queues: a request returned to the queue more than N times is dead-lettered (or "
+                "dropped without a dead-letter exchange)", shown_default="none"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser, options: tuple[Option, ...]) -> None:
+    """Add a flag for each option, its help naming the default and the variable.
+
+    The flags default to None: :func:`resolve` fills in the environment or the default afterwards.
+    """
+    for opt in options:
+        shown = opt.shown_default if opt.shown_default is not None else str(opt.default)
+        text = f"{opt.help} (default: {shown}; env {opt.env})".replace("%", "%%")
+        if opt.kind == "bool":
+            parser.add_argument(opt.flag, dest=opt.dest, action=argparse.BooleanOptionalAction, default=None,
+                                help=text)
+        elif opt.kind == "list":
+            parser.add_argument(opt.flag, dest=opt.dest, action="append", type=opt.parse, default=None,
+                                metavar=opt.metavar, help=text)
+        else:
+            parser.add_argument(opt.flag, dest=opt.dest, type=opt.parse, default=None, metavar=opt.metavar,
+                                help=text)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``fastfib serve`` (:data:`SERVE_OPTIONS`)."""
+    add_arguments(parser, SERVE_OPTIONS)
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None,
+            options: tuple[Option, ...] = SERVE_OPTIONS) -> dict[str, Any]:
+    """The value of each option: the flag if given, else its variable, else its default.
+
+    Raises :class:`ConfigError` naming the variable when one does not parse.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for opt in options:
+        value = getattr(args, opt.dest, None)
+        if value is None:
+            raw = environ.get(opt.env, "")
+            if raw.strip():
+                parse = url_list if opt.kind == "list" else opt.parse
+                try:
+                    value = parse(raw)
+                except (argparse.ArgumentTypeError, ValueError) as exc:
+                    shown = mask_url(raw) if opt.kind == "list" else raw
+                    raise ConfigError(f"environment variable {opt.env}={shown!r}: {exc}") from None
+        if value is None:
+            value = opt.default() if callable(opt.default) else opt.default
+        if opt.kind == "list":
+            value = tuple(value)
+        values[opt.dest] = value
+    return values
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything ``fastfib serve`` runs with, once flags, environment and defaults are merged."""
+
+    worker: WorkerConfig
+    workers: int
+    metrics_port: int | None
+    metrics_host: str
+
+
+def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServeSettings:
+    """Merge and check the settings; raises :class:`ConfigError` on a bad or inconsistent one."""
+    from . import MAX_N
+
+    v = resolve(args, environ)
+    if v["max_n"] > MAX_N:
+        raise ConfigError(f"--max-n {v['max_n']} is above the kernel's limit {MAX_N}")
+    if v["delivery_limit"] is not None and v["queue_type"] != "quorum":
+        raise ConfigError("--delivery-limit (FASTFIB_DELIVERY_LIMIT) needs --queue-type quorum")
+    if v["dead_letter_routing_key"] is not None and v["dead_letter_exchange"] is None:
+        raise ConfigError("--dead-letter-routing-key needs --dead-letter-exchange")
+    import pika
+
+    for url in v["url"]:
+        try:
+            pika.URLParameters(url)
+        except Exception as exc:
+            raise ConfigError(f"bad broker URL {mask_url(url)}: {exc}") from None
+    worker = WorkerConfig(
+        urls=v["url"],
+        queue=v["queue"],
+        prefetch=v["prefetch"],
+        max_n=v["max_n"],
+        cache_bytes=v["cache_bytes"],
+        inline_max_n=v["inline_max_n"],
+        log_level=v["log_level"],
+        log_format=v["log_format"],
+        queue_durable=v["queue_durable"],
+        queue_type=v["queue_type"],
+        dead_letter_exchange=v["dead_letter_exchange"],
+        dead_letter_routing_key=v["dead_letter_routing_key"],
+        delivery_limit=v["delivery_limit"],
+        metrics=v["metrics_port"] is not None,
+    )
+    return ServeSettings(worker=worker, workers=v["workers"], metrics_port=v["metrics_port"],
+                         metrics_host=v["metrics_host"])
