@@ -340,15 +340,19 @@ class Control:
             return None
 
     def delete(self, queue: str) -> None:
-        try:
-            if self.connection.is_closed:
-                self.__init__(self.url)
-            self.channel.queue_delete(queue)
-        except Exception:  # best effort: the queue may be gone already
+        """Delete a queue, best effort. The connection may have sat idle through
+        the whole run (a BlockingConnection only answers heartbeats while it is
+        used), so a failure gets one more try on a fresh connection."""
+        for attempt in (1, 2):
             try:
-                self.channel = self.connection.channel()
+                if attempt == 2 or self.connection.is_closed:
+                    self.close()
+                    self.__init__(self.url)
+                self.channel.queue_delete(queue)
+                return
             except Exception:
-                pass
+                if attempt == 2:
+                    print(f"bench: could not delete queue {queue}", file=sys.stderr)
 
     def sleep(self, seconds: float) -> None:
         self.connection.sleep(seconds)
