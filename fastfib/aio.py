@@ -424,6 +424,23 @@ class AsyncFibonacciRpcClient:
             break
         if self._channel is None:
             return
+        # A broker restart takes a non-durable service queue with it: wait for the servers to declare it
+        # again (they may reconnect seconds after us), else the resent requests would come back unroutable.
+        delay = _RECONNECT_FIRST_DELAY
+        while self._pending and not self._closed and self._channel is not None:
+            remaining = max(r.deadline for r in self._pending.values()) - self._loop.time()
+            try:
+                if remaining <= 0 or await asyncio.wait_for(self._queue_exists(), min(remaining, 2.0)):
+                    break
+            except (*_LINK_ERRORS, asyncio.TimeoutError):
+                pass  # lost the connection meanwhile (the loop ends), or a slow broker: ask again
+            await asyncio.sleep(min(delay, max(0.0, remaining)))
+            delay = min(2 * delay, _RECONNECT_MAX_DELAY / 2)
+        if self._channel is None:
+            if self._pending and not self._closed:  # lost again while waiting: start over
+                self._reconnector = None
+                self._ensure_reconnecting()
+            return
         # Resend what is not on this connection yet (duplicates are dropped by correlation id).
         now = self._loop.time()
         resent = 0
@@ -442,6 +459,33 @@ class AsyncFibonacciRpcClient:
             return await asyncio.shield(self._note_task)
         except Exception:
             return ""
+
+    async def _queue_exists(self) -> bool:
+        """Whether the service queue exists: one passive ``queue_declare`` on a channel of its own."""
+        conn = self._conn
+        if conn is None or not conn.is_open:
+            return True  # nothing to check on: let the resend path deal with the connection
+        loop = self._loop
+        opened, done = loop.create_future(), loop.create_future()
+
+        def on_close(_ch: Any, exc: BaseException) -> None:
+            for f in (opened, done):
+                if not f.done():
+                    f.set_exception(exc)
+
+        conn.channel(on_open_callback=opened.set_result)
+        channel = await opened
+        channel.add_on_close_callback(on_close)
+        channel.queue_declare(self.queue, passive=True, callback=done.set_result)
+        try:
+            await done
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:
+                return False
+            raise
+        if channel.is_open:
+            channel.close()
+        return True
 
     async def _check_queue(self) -> str:
         conn = self._conn

@@ -579,6 +579,7 @@ class FibonacciRpcClient:
                     delay = min(delay * 2, _RECONNECT_MAX_DELAY)
                     continue
                 try:
+                    self._await_queue(deadline)
                     self._resend_pending()
                 except _LINK_ERRORS as exc:
                     last = exc
@@ -588,6 +589,32 @@ class FibonacciRpcClient:
         finally:
             params.socket_timeout = self._default_socket_timeout
             params.stack_timeout = self._default_stack_timeout
+
+    def _await_queue(self, deadline: float) -> None:
+        """After a reconnect, wait (until ``deadline``) for the service queue to exist again.
+
+        A broker restart takes a non-durable service queue with it, and the
+        servers declare it again only once they have reconnected, which may be
+        seconds after this client did: resent at once, the requests would come
+        back unroutable. One passive ``queue_declare`` per try, on a channel of
+        its own (a 404 closes it); no permission is needed for it. If the queue
+        is still missing at the deadline, the resend reports it (Unroutable).
+        """
+        delay = _RECONNECT_FIRST_DELAY
+        while True:
+            try:
+                channel = self._conn.channel()
+                channel.queue_declare(self.queue, passive=True)
+                channel.close()
+                return
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 404:
+                    return
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                return
+            self._conn.sleep(min(delay, remaining))  # keeps serving the connection meanwhile
+            delay = min(delay * 2, _RECONNECT_MAX_DELAY / 2)
 
     def _resend_pending(self) -> None:
         now = monotonic()

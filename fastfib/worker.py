@@ -744,6 +744,7 @@ class Worker:
         self._reply_to_ok: dict[str, bool] = {}
         self._probing: dict[str, list] = {}  # name -> deliveries waiting for the broker's verdict on it
         self._prober = _ReplyToProber(index)
+        self._log_probe = _RateLimitedLog(log, logging.WARNING)
         self._internal_ids = itertools.count(1)
         self._log_no_reply_to = _RateLimitedLog(log, logging.WARNING)
         self._log_bad_reply_to = _RateLimitedLog(log, logging.WARNING)
@@ -1138,10 +1139,11 @@ class Worker:
 
     def _on_reply_to_probed(self, reply_to: str, ok: bool | None) -> None:
         if ok is None:  # the probe could not run (broker unreachable?): serve as before the probe existed
-            log.warning("cannot vet the Direct Reply-to name %r with the broker; replying to it unvetted", reply_to[:80])
+            self._log_probe("cannot vet the Direct Reply-to name %r with the broker; replying to it unvetted",
+                            reply_to[:80])
         elif not ok:
-            log.warning("the broker cannot deliver to the Direct Reply-to name %r (unknown node or pid); "
-                        "its requests are dropped", reply_to[:80])
+            self._log_probe("the broker cannot deliver to the Direct Reply-to name %r (unknown node or pid); "
+                            "its requests are dropped", reply_to[:80])
         self._vetted(reply_to, ok is not False)
         for channel, tag, props, body in self._probing.pop(reply_to, ()):
             if channel is self._channel and channel.is_open:  # else redelivered on the new channel
