@@ -15,7 +15,6 @@ from _client_helpers import (
     ERROR_KINDS_BY_N,
     INTERNAL_ERROR_N,
     FixtureServer,
-    TcpProxy,
     close_broker_connection,
     conformant_handler,
     declare,
@@ -28,6 +27,7 @@ from _client_helpers import (
     twice_handler,
     unique_name,
 )
+from _net import TcpProxy
 
 from fastfib import protocol
 from fastfib.aio import AsyncFibonacciRpcClient

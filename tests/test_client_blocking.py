@@ -16,7 +16,6 @@ from _client_helpers import (
     ERROR_KINDS_BY_N,
     INTERNAL_ERROR_N,
     FixtureServer,
-    TcpProxy,
     close_broker_connection,
     conformant_handler,
     declare,
@@ -29,6 +28,7 @@ from _client_helpers import (
     twice_handler,
     unique_name,
 )
+from _net import TcpProxy
 
 import fastfib
 from fastfib import protocol

@@ -11,13 +11,13 @@ import pytest
 from _client_helpers import (
     ROOT,
     FixtureServer,
-    TcpProxy,
     conformant_handler,
     decimal,
     declare,
     fib,
     naive_handler,
 )
+from _net import TcpProxy
 
 from fastfib.cli import EXIT_OK, EXIT_REMOTE_ERROR, EXIT_TIMEOUT, EXIT_USAGE, main
 

@@ -20,12 +20,12 @@ import uuid
 
 import gmpy2
 import pytest
+from _net import TcpProxy
 from _server_helpers import (
     ROOT,
     URL,
     Pool,
     RpcClient,
-    TcpProxy,
     close_worker_connections,
     delete_queue,
     queue_depth,
@@ -191,38 +191,38 @@ def test_broker_closing_the_connections_is_survived(queue):
 
 @pytest.mark.timeout(90)
 def test_network_cut_then_restored_reconnects_with_backoff(queue):
-    proxy = TcpProxy()
+    proxy = TcpProxy().start()
     try:
         with Pool(queue, url=proxy.url) as pool, RpcClient(queue) as client:
             pool.wait_ready()
             assert client.call(b"10")[1] == b"55"
-            proxy.cut()
+            proxy.stop()  # the network path is cut: connections drop, new ones are refused
             time.sleep(3)  # several refused attempts, with a growing delay
             text = pool.text()
             assert text.count("reconnecting to") >= 4
             assert pool.proc.poll() is None
-            proxy.restore()
+            proxy.start()  # and restored, on the same port
             pool.wait_ready(count=2, timeout=30)
             assert client.call(b"11")[1] == b"89"
             assert "guest:guest" not in pool.text()
     finally:
-        proxy.close()
+        proxy.stop()
 
 
 @pytest.mark.timeout(90)
 def test_cluster_failover_to_the_next_url(queue):
-    node_a, node_b = TcpProxy(), TcpProxy()
+    node_a, node_b = TcpProxy().start(), TcpProxy().start()
     try:
         with Pool(queue, "--url", node_b.url, url=node_a.url) as pool, RpcClient(queue) as client:
             pool.wait_ready()
-            node_a.cut()  # one "node" is gone for good
+            node_a.stop()  # one "node" is gone for good
             pool.wait_ready(count=2, timeout=30)
             cids = client.run([b"20"] * 100, window=16)
             check_all_answered(client, cids)
             assert f"127.0.0.1:{node_b.port}" in pool.text().split("all 2 workers consuming", 1)[1]
     finally:
-        node_a.close()
-        node_b.close()
+        node_a.stop()
+        node_b.stop()
 
 
 @pytest.mark.timeout(60)
