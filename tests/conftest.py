@@ -55,3 +55,12 @@ def broker_url() -> str:
 def queue_name() -> str:
     """A queue name of this test's own, so that concurrent tests never share a queue."""
     return f"fastfib-test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def queue(broker_url, queue_name):
+    """``queue_name`` for a test on the broker; the queue, if the test made one, is deleted afterwards."""
+    from _server_helpers import delete_queue  # pika: imported only by the tests that use a broker
+
+    yield queue_name
+    delete_queue(queue_name, broker_url)

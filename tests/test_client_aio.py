@@ -9,7 +9,6 @@ import asyncio
 import threading
 import time
 
-import pika
 import pytest
 from _client_helpers import (
     ERROR_KINDS_BY_N,
@@ -46,17 +45,6 @@ from fastfib.errors import (
 pytestmark = pytest.mark.broker
 
 FORMATS = ["binary", "decimal"]
-
-
-@pytest.fixture
-def queue(broker_url, queue_name):
-    yield queue_name
-    try:
-        conn = pika.BlockingConnection(pika.URLParameters(broker_url))
-        conn.channel().queue_delete(queue_name)
-        conn.close()
-    except Exception:
-        pass
 
 
 def run(coro):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pika
 import pytest
 from _client_helpers import (
     ERROR_KINDS_BY_N,
@@ -48,18 +47,6 @@ from fastfib.errors import (
 pytestmark = pytest.mark.broker
 
 FORMATS = ["binary", "decimal"]
-
-
-@pytest.fixture
-def queue(broker_url, queue_name):
-    """A unique queue name; the queue is deleted after the test."""
-    yield queue_name
-    try:
-        conn = pika.BlockingConnection(pika.URLParameters(broker_url))
-        conn.channel().queue_delete(queue_name)
-        conn.close()
-    except Exception:
-        pass
 
 
 def test_exported_from_the_package():

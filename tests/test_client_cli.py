@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import pika
 import pytest
 from _client_helpers import (
     ROOT,
@@ -22,17 +21,6 @@ from _net import TcpProxy
 from fastfib.cli import EXIT_OK, EXIT_REMOTE_ERROR, EXIT_TIMEOUT, EXIT_USAGE, main
 
 pytestmark = pytest.mark.broker
-
-
-@pytest.fixture
-def queue(broker_url, queue_name):
-    yield queue_name
-    try:
-        conn = pika.BlockingConnection(pika.URLParameters(broker_url))
-        conn.channel().queue_delete(queue_name)
-        conn.close()
-    except Exception:
-        pass
 
 
 def fastfib_call(*argv: str) -> int:

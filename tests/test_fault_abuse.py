@@ -23,24 +23,15 @@ import pytest
 from _fault_helpers import (
     Pool,
     RpcClient,
-    delete_queue,
     fib_body,
     queue_depth,
     unacked,
-    unique,
     wait_until,
 )
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 WORKERS = 2
-
-
-@pytest.fixture
-def queue(broker_url):
-    name = unique("abuse")
-    yield name
-    delete_queue(name)
 
 
 def _error(reply) -> tuple[str, str]:

@@ -24,10 +24,8 @@ from _fault_helpers import (
     RpcClient,
     check_replies,
     consumers,
-    delete_queue,
     queue_depth,
     run_requests,
-    unique,
     wait_until,
 )
 
@@ -36,13 +34,6 @@ from fastfib import FibonacciRpcClient
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 WORKERS = 2
-
-
-@pytest.fixture
-def queue(broker_url):
-    name = unique("kill")
-    yield name
-    delete_queue(name)
 
 
 class _DuplicateCounter(logging.Handler):

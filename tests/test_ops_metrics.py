@@ -21,17 +21,11 @@ from _ops_helpers import (
     value,
     wait_until,
 )
-from _server_helpers import URL, RpcClient, delete_queue
+from _server_helpers import URL, RpcClient
 
 pytestmark = [pytest.mark.broker]
 
 OUTCOMES = ("ok", "invalid_argument", "out_of_range", "unsupported_format", "internal", "expired", "no_reply_to")
-
-
-@pytest.fixture
-def queue(broker_url, queue_name):
-    yield queue_name
-    delete_queue(queue_name)
 
 
 def counts_match(base: str, expected: dict[str, int]):

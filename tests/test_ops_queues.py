@@ -18,15 +18,9 @@ import uuid
 import pika
 import pytest
 from _ops_helpers import ServePool
-from _server_helpers import URL, RpcClient, delete_queue, queue_depth, rabbitmqctl
+from _server_helpers import URL, RpcClient, queue_depth, rabbitmqctl
 
 pytestmark = [pytest.mark.broker]
-
-
-@pytest.fixture
-def queue(broker_url, queue_name):
-    yield queue_name
-    delete_queue(queue_name)
 
 
 def queue_row(queue: str) -> list[str]:

@@ -9,15 +9,9 @@ import signal
 
 import pytest
 from _ops_helpers import RefusingPort, ServePool, blocked_prometheus_path, clean_env
-from _server_helpers import URL, RpcClient, delete_queue, rabbitmqctl
+from _server_helpers import URL, RpcClient, rabbitmqctl
 
 pytestmark = [pytest.mark.broker]
-
-
-@pytest.fixture
-def queue(broker_url, queue_name):
-    yield queue_name
-    delete_queue(queue_name)
 
 
 def queue_row(queue: str) -> list[str]:

@@ -37,13 +37,6 @@ import fastfib
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
-@pytest.fixture
-def queue(broker_url):
-    name = f"fastfib-test-fault-{uuid.uuid4().hex[:12]}"
-    yield name
-    delete_queue(name)
-
-
 def expected(body: bytes) -> bytes:
     return str(gmpy2.fib(int(body))).encode()
 
