@@ -1,5 +1,6 @@
 """Helpers for the operations tests (tests/test_ops_*.py): a pool started with any flags and
-environment, its metrics endpoint, ``fastfib health`` as a subprocess, and a port that refuses.
+environment, its metrics endpoint, ``fastfib health`` as a subprocess, a port that refuses, and a
+queue's row in ``rabbitmqctl list_queues``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from _server_helpers import ROOT, URL, Pool
+from _server_helpers import ROOT, URL, Pool, rabbitmqctl
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -74,6 +75,15 @@ class ServePool(Pool):
         match = re.search(r"multiprocess files in ([^)\s\"]+)\)", self.text())
         assert match, self.text()
         return match.group(1)
+
+
+def queue_row(queue: str) -> list[str]:
+    """The broker's ``list_queues`` row of ``queue``: name, durable, type, arguments."""
+    for line in rabbitmqctl("list_queues", "name", "durable", "type", "arguments").splitlines():
+        fields = line.split("\t")
+        if fields[0] == queue:
+            return fields
+    raise AssertionError(f"queue {queue} not listed")
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

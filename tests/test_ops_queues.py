@@ -17,18 +17,10 @@ import uuid
 
 import pika
 import pytest
-from _ops_helpers import ServePool
-from _server_helpers import URL, RpcClient, queue_depth, rabbitmqctl
+from _ops_helpers import ServePool, queue_row
+from _server_helpers import URL, RpcClient, queue_depth
 
 pytestmark = [pytest.mark.broker]
-
-
-def queue_row(queue: str) -> list[str]:
-    for line in rabbitmqctl("list_queues", "name", "durable", "type", "arguments").splitlines():
-        fields = line.split("\t")
-        if fields[0] == queue:
-            return fields
-    raise AssertionError(f"queue {queue} not listed")
 
 
 @pytest.mark.timeout(60)

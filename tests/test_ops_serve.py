@@ -8,18 +8,10 @@ import json
 import signal
 
 import pytest
-from _ops_helpers import RefusingPort, ServePool, blocked_prometheus_path, clean_env
+from _ops_helpers import RefusingPort, ServePool, blocked_prometheus_path, clean_env, queue_row
 from _server_helpers import URL, RpcClient, rabbitmqctl
 
 pytestmark = [pytest.mark.broker]
-
-
-def queue_row(queue: str) -> list[str]:
-    for line in rabbitmqctl("list_queues", "name", "durable", "type", "arguments").splitlines():
-        fields = line.split("\t")
-        if fields[0] == queue:
-            return fields
-    raise AssertionError(f"queue {queue} not listed")
 
 
 @pytest.mark.timeout(90)
