@@ -26,6 +26,8 @@ import sys
 
 import pika
 
+from fastfib.reference import fib_naive  # the tutorial's fib, verbatim: exponential-time recursion
+
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 BINARY = "application/octet-stream"
 DECIMAL = "text/plain"
@@ -40,16 +42,6 @@ DEFAULT_PREFETCH = {
     "echo": 64,
     "faulty": 64,
 }
-
-
-def fib_naive(n: int) -> int:
-    """The tutorial's fib, verbatim: exponential-time recursion."""
-    if n == 0:
-        return 0
-    elif n == 1:
-        return 1
-    else:
-        return fib_naive(n - 1) + fib_naive(n - 2)
 
 
 def _accept(props: pika.BasicProperties) -> str | None:
