@@ -6,6 +6,10 @@ the library is the hashed ``libgmp-*.so`` in ``gmpy2.libs/``, linked by its
 file name with an rpath of ``$ORIGIN/../gmpy2.libs`` so that the process holds
 one GMP, the one gmpy2 uses.
 
+The kernel's two-thread mode (``fib(n, threads=2)``) uses POSIX threads and
+semaphores, so the extension is compiled and linked with ``-pthread`` (on
+glibc >= 2.34 these live in libc itself; the flag keeps older systems working).
+
 Build knobs (environment variables):
 
 - ``FASTFIB_DEBUG=1``: build with ``-O0 -g`` and Cython line tracing off.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import Extension, setup
@@ -41,7 +46,12 @@ def _gmpy2_paths() -> tuple[str, str, str]:
 
 class BuildExt(build_ext):
     """An in-place build (for a development checkout) also records the absolute
-    path of the venv's gmpy2.libs, since ``$ORIGIN/..`` is then the repository."""
+    path of the venv's gmpy2.libs, since ``$ORIGIN/..`` is then the repository.
+
+    An in-place build replaces the extension atomically: processes that run
+    the checkout (servers, tests) keep the file they mapped, where an in-place
+    overwrite could crash them.
+    """
 
     def run(self):
         # setuptools clears self.inplace while it builds, so look before that.
@@ -51,6 +61,13 @@ class BuildExt(build_ext):
                 ext.runtime_library_dirs.append(os.path.abspath(libs))
         super().run()
 
+    def copy_file(self, infile, outfile, *args, **kwargs):
+        # Only copy_extensions_to_source copies here: the built library onto the checkout's.
+        tmp = f"{outfile}.tmp-{os.getpid()}"
+        shutil.copy2(infile, tmp)
+        os.replace(tmp, outfile)
+        return outfile, 1
+
 
 def _extension() -> Extension:
     from Cython.Build import cythonize
@@ -58,6 +75,7 @@ def _extension() -> Extension:
     pkg, libs, libgmp = _gmpy2_paths()
     debug = os.environ.get("FASTFIB_DEBUG") == "1"
     cflags = ["-O0", "-g"] if debug else ["-O3"]
+    cflags += ["-pthread"]
     cflags += os.environ.get("FASTFIB_CFLAGS", "").split()
     ext = Extension(
         "fastfib._kernel",
@@ -67,6 +85,7 @@ def _extension() -> Extension:
         libraries=[":" + libgmp],
         runtime_library_dirs=["$ORIGIN/../gmpy2.libs"],
         extra_compile_args=cflags,
+        extra_link_args=["-pthread"],
     )
     return cythonize(
         [ext],

@@ -14,20 +14,34 @@ and the last step computes F(n) alone with one multiplication::
 
     F[2k]   = F[k] (F[k] + 2 F[k-1])
     F[2k+1] = (2 F[k] + F[k-1]) (2 F[k] - F[k-1]) + 2(-1)^k
+
+With ``threads=2`` the two squarings of a step run on two threads, and the
+last multiplication is split into two half-products (docs/kernel.md).
 """
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.long cimport PyLong_AsLongAndOverflow
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF
+from libc.stdlib cimport free, malloc
 from libc.string cimport strlen
 
 from gmpy2 cimport *
+
+from posix.signal cimport SIG_SETMASK, sigfillset
+from posix.time cimport nanosleep, timespec
+from posix.types cimport sigset_t
 
 from fastfib.errors import FibRangeError
 
 cdef extern from "gmp.h":
     const char *gmp_version
+    void mpz_realloc2(mpz_ptr, mp_bitcnt_t) nogil
+    size_t mpz_size(mpz_srcptr) nogil
+    const mp_limb_t *mpz_limbs_read(mpz_srcptr) nogil
+    mpz_srcptr mpz_roinit_n(mpz_ptr, const mp_limb_t *, long) nogil
+    enum: GMP_NUMB_BITS
     void mpz_init2(mpz_ptr, mp_bitcnt_t) nogil
     void mpz_clear(mpz_ptr) nogil
     void mpz_set_ui(mpz_ptr, unsigned long) nogil
@@ -41,6 +55,18 @@ cdef extern from "gmp.h":
     size_t mpz_sizeinbase(mpz_srcptr, int) nogil
     char *mpz_get_str(char *, int, mpz_srcptr) nogil
     void *mpz_export(void *, size_t *, int, size_t, int, size_t, mpz_srcptr) nogil
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_t:
+        pass
+    ctypedef struct pthread_attr_t:
+        pass
+    int pthread_create(pthread_t *, const pthread_attr_t *, void *(*)(void *) noexcept nogil, void *)
+    int pthread_attr_init(pthread_attr_t *)
+    int pthread_attr_destroy(pthread_attr_t *)
+    int pthread_attr_setdetachstate(pthread_attr_t *, int)
+    enum: PTHREAD_CREATE_DETACHED
+    int pthread_sigmask(int, const sigset_t *, sigset_t *)
 
 cdef extern from "Python.h":
     int _PyBytes_Resize(PyObject **, Py_ssize_t) except -1
@@ -82,11 +108,299 @@ cdef inline unsigned long _bit_length(unsigned long x) noexcept nogil:
         x >>= 1
     return b
 
+# ---------------------------------------------------------------------------
+# Two threads: the calling thread and one helper thread per call.
+#
+# Each doubling step squares two independent numbers, F[m] and F[m-1]: the
+# helper squares one while the calling thread squares the other. The last
+# step's product is split in two half-products the same way.
+#
+# The helper is created per call and exits at its end (no thread outlives a
+# call, so fork() and interpreter shutdown have nothing to deal with). Products
+# are handed over one at a time:
+#
+# - the caller *offers* a product, computes its own, then tries to *claim* the
+#   offered one back: if the helper has not started it (not scheduled yet, the
+#   other core busy), the caller computes it too, so a late helper costs no
+#   waiting;
+# - each side waits for the other by spinning for a while (waking a sleeping
+#   thread takes tens of microseconds in this VM) and then sleeping on a
+#   semaphore;
+# - the last product is split only if the helper is spinning at that moment:
+#   two halves on one thread would cost about 1.5 products.
+#
+# GMP allocates through malloc here (gmpy2 keeps GMP's default memory
+# functions; a test checks), which is thread-safe. The two threads never write
+# the same mpz_t; reading one from two threads at once is safe in GMP.
+# ---------------------------------------------------------------------------
 
-cdef int fib_into(mpz_ptr out, unsigned long n) except -1 nogil:
-    """Set ``out`` to F(n). Bounds are the caller's job. Needs no GIL."""
+cdef extern from *:
+    """
+    #include <semaphore.h>
+    #include <time.h>
+
+    /* A one-waiter, one-setter event: spin a little, then sleep on a semaphore. */
+    typedef struct {
+        int flag;       /* 1 once set, until the waiter consumes it */
+        int sleeping;   /* 1 while the waiter is (about to be) blocked on sem */
+        sem_t sem;
+    } fastfib_event;
+
+    static int fastfib_event_init(fastfib_event *e) {
+        e->flag = 0;
+        e->sleeping = 0;
+        return sem_init(&e->sem, 0, 0);
+    }
+
+    static void fastfib_event_destroy(fastfib_event *e) { sem_destroy(&e->sem); }
+
+    static void fastfib_event_set(fastfib_event *e) {
+        /* Dekker-style with the waiter's sleeping/flag pair (both seq_cst): at
+           least one side sees the other's store, so no wake-up is lost. A post
+           that is not needed only makes the waiter look at the flag again. */
+        __atomic_store_n(&e->flag, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&e->sleeping, __ATOMIC_SEQ_CST))
+            sem_post(&e->sem);
+    }
+
+    static inline long long fastfib_load_ll(long long *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+
+    static inline void fastfib_cpu_relax(void) {
+    #if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+    #elif defined(__aarch64__)
+        __asm__ __volatile__("yield");
+    #endif
+    }
+
+    static inline long long fastfib_now_ns(void) {
+        struct timespec t;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+    }
+
+    /* Wait for e to be set: spin up to spin_ns, then sleep. While spinning,
+       *beat (if not NULL) is kept at the current time, so that the other
+       thread can tell that this one is on a CPU right now. */
+    static void fastfib_event_wait(fastfib_event *e, long long spin_ns, long long *beat) {
+        if (!__atomic_load_n(&e->flag, __ATOMIC_ACQUIRE)) {
+            long long now = fastfib_now_ns(), deadline = now + spin_ns;
+            unsigned int i = 0;
+            while (!__atomic_load_n(&e->flag, __ATOMIC_ACQUIRE)) {
+                fastfib_cpu_relax();
+                if ((++i & 63) != 0)
+                    continue;
+                now = fastfib_now_ns();
+                if (beat)
+                    __atomic_store_n(beat, now, __ATOMIC_RELAXED);
+                if (now > deadline) {
+                    __atomic_store_n(&e->sleeping, 1, __ATOMIC_SEQ_CST);
+                    /* A signal (EINTR) or an unneeded post: look at the flag again. */
+                    while (!__atomic_load_n(&e->flag, __ATOMIC_SEQ_CST))
+                        sem_wait(&e->sem);
+                    __atomic_store_n(&e->sleeping, 0, __ATOMIC_SEQ_CST);
+                    break;
+                }
+            }
+        }
+        __atomic_store_n(&e->flag, 0, __ATOMIC_SEQ_CST);
+    }
+
+    /* The offered product goes to whichever thread swaps 1 in first. */
+    static inline void fastfib_offer(int *p) { __atomic_store_n(p, 0, __ATOMIC_SEQ_CST); }
+    static inline int fastfib_claim(int *p) { return __atomic_exchange_n(p, 1, __ATOMIC_SEQ_CST) == 0; }
+    static inline int fastfib_is_set(int *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+    static inline void fastfib_set(int *p) { __atomic_store_n(p, 1, __ATOMIC_SEQ_CST); }
+    /* The caller and the helper each drop one reference; the last frees. */
+    static inline int fastfib_release(int *refs) { return __atomic_sub_fetch(refs, 1, __ATOMIC_ACQ_REL) == 0; }
+    """
+    ctypedef struct fastfib_event:
+        pass
+    int fastfib_event_init(fastfib_event *) nogil
+    void fastfib_event_destroy(fastfib_event *) nogil
+    void fastfib_event_set(fastfib_event *) nogil
+    void fastfib_event_wait(fastfib_event *, long long, long long *) nogil
+    long long fastfib_load_ll(long long *) nogil
+    void fastfib_offer(int *) nogil
+    bint fastfib_claim(int *) nogil
+    bint fastfib_is_set(int *) nogil
+    void fastfib_set(int *) nogil
+    bint fastfib_release(int *) nogil
+    long long fastfib_now_ns() nogil
+
+
+cdef struct Helper:
+    pthread_t tid
+    fastfib_event go        # set by the caller: a product is offered, or quit is set
+    fastfib_event done      # set by the helper: the product it claimed is written
+    int claimed             # 0 while the offered product is not taken
+    int quit
+    int refs                # the caller's and the helper's: the last one out frees
+    long long beat          # CLOCK_MONOTONIC ns, kept current while the helper spins
+    mpz_ptr dst
+    mpz_srcptr x
+    mpz_srcptr y
+
+cdef enum:
+    # Doubling steps on F[m] with m below this run on one thread even when two
+    # are asked for: handing a product over costs more than sharing a product
+    # of numbers this small saves. Measured: docs/kernel.md.
+    PAR_MIN_M = 20000
+    # threads >= 2 starts a helper thread only for n at least this: below it,
+    # the few products it could share do not pay for the thread.
+    THREADS_MIN = 400000
+    # A waiting thread spins this long (plus SPIN_NS_PER_LIMB per limb of the
+    # last product, as the caller's linear work between two steps grows with
+    # it), then sleeps: waking a sleeping thread costs tens of microseconds.
+    SPIN_NS = 200000
+    SPIN_NS_PER_LIMB = 20
+    # The helper's heartbeat is at most this old while it spins (it beats every 64 pauses).
+    BEAT_FRESH_NS = 20000
+
+#: ``threads`` >= 2 is used only for n >= THREADS_MIN_N; below, one thread computes F(n).
+THREADS_MIN_N = THREADS_MIN
+# For the tests: the step threshold and the GIL threshold.
+_PAR_MIN_M = PAR_MIN_M
+_NOGIL_MIN_N = NOGIL_MIN_N
+
+# Tests only (_set_helper_delay): the helper sleeps this long before it claims
+# a product, so that the caller takes products back and stale wake-ups happen.
+cdef long long _helper_delay_ns = 0
+
+
+def _set_helper_delay(long long ns):
+    """Tests only: delay the helper by ``ns`` before each claim (0 turns it off)."""
+    global _helper_delay_ns
+    _helper_delay_ns = ns
+
+
+cdef void _sleep_ns(long long ns) noexcept nogil:
+    cdef timespec t
+    t.tv_sec = ns // 1000000000
+    t.tv_nsec = ns % 1000000000
+    nanosleep(&t, NULL)
+
+
+cdef void _helper_free(Helper *h) noexcept nogil:
+    fastfib_event_destroy(&h.go)
+    fastfib_event_destroy(&h.done)
+    free(h)
+
+
+cdef void *_helper_main(void *arg) noexcept nogil:
+    cdef Helper *h = <Helper *>arg
+    cdef long long spin = SPIN_NS
+    while True:
+        fastfib_event_wait(&h.go, spin, &h.beat)
+        if fastfib_is_set(&h.quit):
+            break
+        if _helper_delay_ns:
+            _sleep_ns(_helper_delay_ns)
+        # A wake-up may find nothing (the caller took that product itself):
+        # only a successful claim makes the product ours, and then done is set.
+        if fastfib_claim(&h.claimed):
+            # The caller's linear work until the next offer grows with the size.
+            spin = SPIN_NS + SPIN_NS_PER_LIMB * <long long>mpz_size(h.x)
+            mpz_mul(h.dst, h.x, h.y)
+            fastfib_event_set(&h.done)
+    if fastfib_release(&h.refs):
+        _helper_free(h)
+    return NULL
+
+
+cdef Helper *_helper_start() noexcept nogil:
+    """A new helper thread, or NULL if none could be made (the caller then works alone)."""
+    cdef sigset_t every, old
+    cdef pthread_attr_t attr
+    cdef int rc
+    cdef Helper *h = <Helper *>malloc(sizeof(Helper))
+    if h == NULL:
+        return NULL
+    h.quit = 0
+    h.claimed = 1
+    h.refs = 2
+    h.beat = 0
+    if fastfib_event_init(&h.go) != 0:
+        free(h)
+        return NULL
+    if fastfib_event_init(&h.done) != 0:
+        fastfib_event_destroy(&h.go)
+        free(h)
+        return NULL
+    # Detached: stopping it never waits for it to be scheduled (a join could
+    # cost a time slice when the other core is busy).
+    pthread_attr_init(&attr)
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED)
+    # The helper blocks every signal, so that signals (SIGINT, SIGTERM for the
+    # server) keep going to the threads Python knows about.
+    sigfillset(&every)
+    pthread_sigmask(SIG_SETMASK, &every, &old)
+    rc = pthread_create(&h.tid, &attr, _helper_main, h)
+    pthread_sigmask(SIG_SETMASK, &old, NULL)
+    pthread_attr_destroy(&attr)
+    if rc != 0:
+        _helper_free(h)
+        return NULL
+    return h
+
+
+cdef void _helper_stop(Helper *h) noexcept nogil:
+    """Tell the helper to exit, and drop the caller's reference to ``h``."""
+    fastfib_set(&h.quit)
+    fastfib_event_set(&h.go)
+    if fastfib_release(&h.refs):
+        _helper_free(h)
+
+
+cdef inline void _mul2(Helper *h, mpz_ptr d1, mpz_srcptr x1, mpz_srcptr y1,
+                       mpz_ptr d2, mpz_srcptr x2, mpz_srcptr y2) noexcept nogil:
+    """d1 = x1 y1 and d2 = x2 y2; the second on the helper thread if ``h`` is not NULL."""
+    if h == NULL:
+        mpz_mul(d1, x1, y1)
+        mpz_mul(d2, x2, y2)
+        return
+    h.dst = d2
+    h.x = x2
+    h.y = y2
+    fastfib_offer(&h.claimed)
+    fastfib_event_set(&h.go)
+    mpz_mul(d1, x1, y1)
+    # If the helper has not started on its product, take it back rather than wait.
+    if fastfib_claim(&h.claimed):
+        mpz_mul(d2, x2, y2)
+    else:
+        fastfib_event_wait(&h.done, SPIN_NS + SPIN_NS_PER_LIMB * <long long>mpz_size(x1), NULL)
+
+
+cdef void _mul_split(Helper *h, mpz_ptr out, mpz_srcptr x, mpz_srcptr y, mpz_ptr tmp) noexcept nogil:
+    """out = x y; with a helper, as two half-products: y = hi 2^s + lo, out = (x hi) 2^s + x lo.
+
+    ``lo`` and ``hi`` are read-only views of y's limbs (mpz_roinit_n), not
+    copies. ``out`` and ``tmp`` must not alias x or y.
+    """
+    cdef mpz_t lo, hi
+    cdef size_t ny = mpz_size(y)
+    cdef size_t half = ny >> 1
+    cdef const mp_limb_t *yp = mpz_limbs_read(y)
+    # Two halves cost about 1.5 products on one thread: split only if the
+    # helper is spinning on a CPU right now, ready to take its half.
+    if h == NULL or fastfib_now_ns() - fastfib_load_ll(&h.beat) > BEAT_FRESH_NS:
+        mpz_mul(out, x, y)
+        return
+    mpz_roinit_n(lo, yp, <long>half)
+    mpz_roinit_n(hi, yp + half, <long>(ny - half))
+    # Sized for the whole product, so that the shift below does not reallocate.
+    mpz_realloc2(out, (mpz_size(x) + ny + 1) * GMP_NUMB_BITS)
+    _mul2(h, out, x, hi, tmp, x, lo)
+    mpz_mul_2exp(out, out, half * GMP_NUMB_BITS)
+    mpz_add(out, out, tmp)
+
+
+cdef int fib_into(mpz_ptr out, unsigned long n, int threads=1) except -1 nogil:
+    """Set ``out`` to F(n), on up to two threads. Bounds are the caller's job. Needs no GIL."""
     cdef mpz_t fk, fk1, a, b
     cdef mp_bitcnt_t bits
+    cdef Helper *h = NULL
     if n <= FIB_TABLE_MAX:
         mpz_set_ui(out, FIB_TABLE[n])
         return 0
@@ -97,7 +411,12 @@ cdef int fib_into(mpz_ptr out, unsigned long n) except -1 nogil:
     mpz_init2(fk1, bits)
     mpz_init2(a, bits)
     mpz_init2(b, bits)
-    _doubling(out, n, fk, fk1, a, b)
+    # If the system refuses a thread, the same result is computed on this one.
+    if threads >= 2 and n >= THREADS_MIN:
+        h = _helper_start()
+    _doubling(out, n, fk, fk1, a, b, h)
+    if h != NULL:
+        _helper_stop(h)
     mpz_clear(fk)
     mpz_clear(fk1)
     mpz_clear(a)
@@ -120,11 +439,16 @@ cdef inline void _fib_small(mpz_ptr out, unsigned long n) noexcept:
     if n <= FIB_TABLE_MAX:
         mpz_set_ui(out, FIB_TABLE[n])
     else:
-        _doubling(out, n, _small_fk, _small_fk1, _small_a, _small_b)
+        _doubling(out, n, _small_fk, _small_fk1, _small_a, _small_b, NULL)
 
 
-cdef void _doubling(mpz_ptr out, unsigned long n, mpz_ptr fk, mpz_ptr fk1, mpz_ptr a, mpz_ptr b) noexcept nogil:
-    """F(n), n > 93, into ``out`` by fast doubling, with four caller-owned temporaries."""
+cdef void _doubling(mpz_ptr out, unsigned long n, mpz_ptr fk, mpz_ptr fk1, mpz_ptr a, mpz_ptr b,
+                    Helper *h) noexcept nogil:
+    """F(n), n > 93, into ``out`` by fast doubling, with four caller-owned temporaries.
+
+    With a helper ``h``, the steps on operands of at least PAR_MIN_M run their
+    two products on two threads.
+    """
     cdef unsigned long k, m
     cdef int shift
     k = n >> 1
@@ -137,8 +461,7 @@ cdef void _doubling(mpz_ptr out, unsigned long n, mpz_ptr fk, mpz_ptr fk1, mpz_p
     while shift >= 0:
         # The two squarings of the step, into their own buffers: squaring in
         # place would make GMP allocate a temporary every time.
-        mpz_mul(a, fk, fk)          # F[m]^2
-        mpz_mul(b, fk1, fk1)        # F[m-1]^2
+        _mul2(h if m >= PAR_MIN_M else NULL, a, fk, fk, b, fk1, fk1)   # F[m]^2, F[m-1]^2
         # fk = F[2m+1] = 4 F[m]^2 - F[m-1]^2 + 2(-1)^m
         mpz_mul_2exp(fk, a, 2)
         mpz_sub(fk, fk, b)
@@ -157,13 +480,17 @@ cdef void _doubling(mpz_ptr out, unsigned long n, mpz_ptr fk, mpz_ptr fk1, mpz_p
             m = 2 * m
         shift -= 1
 
-    # Last step: F(n) alone from F[k], F[k-1], one multiplication.
+    # Last step: F(n) alone from F[k], F[k-1], one multiplication, split in
+    # two half-products with a helper. F[k] and F[k-1] are free once the
+    # factors are made: one of them holds the helper's half.
+    if k < PAR_MIN_M:
+        h = NULL
     if n & 1:
         # F[2k+1] = (2F[k] + F[k-1]) (2F[k] - F[k-1]) + 2(-1)^k
         mpz_mul_2exp(a, fk, 1)
         mpz_add(b, a, fk1)
         mpz_sub(a, a, fk1)
-        mpz_mul(out, a, b)
+        _mul_split(h, out, a, b, fk)
         if k & 1:
             mpz_sub_ui(out, out, 2)
         else:
@@ -172,7 +499,7 @@ cdef void _doubling(mpz_ptr out, unsigned long n, mpz_ptr fk, mpz_ptr fk1, mpz_p
         # F[2k] = F[k] (F[k] + 2F[k-1])
         mpz_mul_2exp(a, fk1, 1)
         mpz_add(a, a, fk)
-        mpz_mul(out, fk, a)
+        _mul_split(h, out, fk, a, fk1)
 
 
 cdef unsigned long _check_n(object n) except? 0:
@@ -194,17 +521,54 @@ cdef unsigned long _check_n(object n) except? 0:
     return <unsigned long>v
 
 
-@cython.always_allow_keywords(False)  # METH_O: the cheapest call CPython has
-def fib(n):
-    """F(n) as a ``gmpy2.mpz``, for 0 <= n <= MAX_N."""
+cdef int _check_threads(object threads) except -1:
+    """threads as 1 or 2 (the most the kernel uses), or TypeError / ValueError."""
+    cdef long v
+    cdef int overflow = 0
+    cdef object o = threads
+    if type(threads) is not int:
+        if isinstance(threads, bool):
+            raise TypeError("threads must be an integer, not bool")
+        try:
+            o = threads.__index__()
+        except AttributeError:
+            raise TypeError(f"threads must be an integer, not {type(threads).__name__}") from None
+    # Exact C conversion: cheap, so that threads=2 costs no more than threads=1 at small n.
+    v = PyLong_AsLongAndOverflow(o, &overflow)
+    if overflow > 0:
+        return 2
+    if overflow < 0 or v < 1:
+        raise ValueError(f"threads must be at least 1, got {o}")
+    return 1 if v == 1 else 2
+
+
+cdef inline int _threads_of(object threads) except -1:
+    # 1 and 2 are cached int objects: the common values cost one compare each.
+    if threads is 1:
+        return 1
+    if threads is 2:
+        return 2
+    return _check_threads(threads)
+
+
+def fib(n, threads=1):
+    """F(n) as a ``gmpy2.mpz``, for 0 <= n <= MAX_N.
+
+    ``threads`` >= 2 computes a large F(n) (n >= THREADS_MIN_N) on two threads,
+    the calling one and a helper; more than two are accepted and mean two.
+    Below THREADS_MIN_N, and on a machine with no idle core, it costs about
+    what ``threads=1`` does. TypeError if ``threads`` is not an integer,
+    ValueError if it is below 1.
+    """
     cdef unsigned long un = _check_n(n)
+    cdef int t = _threads_of(threads)
     cdef mpz result = GMPy_MPZ_New(NULL)
     cdef mpz_ptr z = MPZ(result)
     if un < NOGIL_MIN_N:
         _fib_small(z, un)
     else:
         with nogil:
-            fib_into(z, un)
+            fib_into(z, un, t)
     return result
 
 
@@ -247,11 +611,11 @@ cdef bytes encode_binary(mpz_srcptr z):
     return out
 
 
-def fib_encoded(n, fmt="decimal"):
+def fib_encoded(n, fmt="decimal", threads=1):
     """F(n) encoded for a protocol v1 reply: ``fmt`` is "decimal" or "binary".
 
     The bytes are written straight from the GMP integer (``mpz_get_str`` or
-    ``mpz_export``), with no Python int in between.
+    ``mpz_export``), with no Python int in between. ``threads`` is as for :func:`fib`.
     """
     cdef bint binary
     if fmt == "binary":
@@ -261,6 +625,7 @@ def fib_encoded(n, fmt="decimal"):
     else:
         raise ValueError(f"fmt must be 'decimal' or 'binary', not {fmt!r}")
     cdef unsigned long un = _check_n(n)
+    cdef int t = _threads_of(threads)
     cdef mpz_t z
     if un < NOGIL_MIN_N:
         _fib_small(_small_out, un)
@@ -268,7 +633,7 @@ def fib_encoded(n, fmt="decimal"):
     mpz_init2(z, 64)
     try:
         with nogil:
-            fib_into(z, un)
+            fib_into(z, un, t)
         return encode_binary(z) if binary else encode_decimal(z)
     finally:
         mpz_clear(z)
