@@ -1,4 +1,4 @@
-"""Prints, after the kernel benchmarks, the median ratios that issue 2's targets name."""
+"""Prints, after the kernel benchmarks, the median ratios that issues 2 and 8 name as targets."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ TARGETS = [
     ("fastfib / gmpy2 (n = 1000)", "fastfib", "gmpy2", [1000], 2.5),
     ("fastfib / gmpy2 (n >= 1e5)", "fastfib", "gmpy2", [10**5, 10**6, 10**7], 1.05),
     ("fastfib / pure-doubling (n = 1e6), must be <= 1/25", "fastfib", "pure-doubling", [10**6], 1 / 25),
+    # Issue 8: two threads.
+    ("fib(n, threads=2) / gmpy2 (n >= 1e6)", "fastfib-t2", "gmpy2", [10**6, 10**7], 0.75),
+    ("fib(n, threads=2) / fib(n, threads=1), every n", "fastfib-t2", "fastfib-t1", None, 1.05),
 ]
 
 
@@ -24,12 +27,46 @@ def _medians(session) -> dict[tuple[str, int], float]:
     return out
 
 
+# Issue 8's targets again, from bench/test_kernel.py::test_threads_interleaved.
+INTERLEAVED_TARGETS = [
+    ("interleaved: threads=2 / gmpy2 (n >= 1e6)", "t2/gmpy2", lambda n: n >= 10**6, 0.75),
+    ("interleaved: threads=2 / threads=1, every n", "t2/t1", lambda n: True, 1.05),
+]
+
+
+def _interleaved(session) -> dict[int, dict]:
+    bs = getattr(session.config, "_benchmarksession", None)
+    return {
+        b.extra_info["n"]: b.extra_info["interleaved"]
+        for b in getattr(bs, "benchmarks", []) or []
+        if "interleaved" in b.extra_info
+    }
+
+
 def pytest_sessionfinish(session, exitstatus):
     med = _medians(session)
-    if not med:
+    inter = _interleaved(session)
+    if not med and not inter:
         return
     rows = []
+    for label, key, wanted, bound in INTERLEAVED_TARGETS:
+        for n in sorted(inter):
+            if wanted(n):
+                r = inter[n]
+                rows.append(
+                    {
+                        "target": label,
+                        "n": n,
+                        "ratio": r[key],
+                        "bound": bound,
+                        "met": r[key] <= bound,
+                        "rounds": r["rounds"],
+                        "medians_s": r["median_s"],
+                    }
+                )
     for label, num, den, ns, bound in TARGETS:
+        if ns is None:  # every n measured for both
+            ns = sorted(n for impl, n in med if impl == num)
         for n in ns:
             if (num, n) in med and (den, n) in med:
                 ratio = med[(num, n)] / med[(den, n)]
@@ -49,7 +86,13 @@ def pytest_sessionfinish(session, exitstatus):
     lines = ["", "Kernel median ratios (one run, side by side):"]
     lines.append(f"{'target':54} {'n':>9} {'ratio':>8} {'bound':>7}  met")
     for r in rows:
-        lines.append(f"{r['target']:54} {r['n']:>9} {r['ratio']:>8.3f} {r['bound']:>7.3f}  {'yes' if r['met'] else 'NO'}")
+        lines.append(
+            f"{r['target']:54} {r['n']:>9} {r['ratio']:>8.3f} {r['bound']:>7.3f}  {'yes' if r['met'] else 'NO'}"
+        )
+    if inter:
+        lines.append(
+            "(interleaved rows: medians of per-round ratios, fib(n, threads=1|2) and gmpy2.fib called in turn)"
+        )
     text = "\n".join(lines)
     print(text)
     out = os.environ.get("FASTFIB_KERNEL_RATIOS")

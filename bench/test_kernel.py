@@ -4,10 +4,16 @@
 
 Each n is benchmarked with every implementation back to back, so that the
 ratios printed at the end (bench/conftest.py) compare medians measured side by
-side in one run.
+side in one run. ``fastfib-t1`` and ``fastfib-t2`` are ``fib(n, threads=1)``
+and ``fib(n, threads=2)`` (issue 8); threads pay only on an otherwise idle
+second core, so run this on a quiet machine.
 """
 
 from __future__ import annotations
+
+import random
+import statistics
+import time
 
 import gmpy2
 import pytest
@@ -19,10 +25,16 @@ NS = [25, 30, 93, 1000, 10**5, 10**6, 10**7]
 
 IMPLS = {
     "fastfib": fastfib.fib,
+    "fastfib-t1": fastfib.fib,
+    "fastfib-t2": fastfib.fib,
     "gmpy2": gmpy2.fib,
     "pure-doubling": fib_doubling,
     "naive": fib_naive,
 }
+
+# Issue 8: the thread count is passed the same way to both, so that their
+# ratio measures the threads and not the argument passing.
+KWARGS = {"fastfib-t1": {"threads": 1}, "fastfib-t2": {"threads": 2}}
 
 
 def _runs(impl: str, n: int) -> bool:
@@ -33,14 +45,22 @@ def _runs(impl: str, n: int) -> bool:
     return True
 
 
-CASES = [pytest.param(n, impl, id=f"{impl}-{n}") for n in NS for impl in IMPLS if _runs(impl, n)]
+# Issue 8's threads=2 / threads=1 rows also at the n from which two threads are used.
+THREAD_NS = sorted(set(NS) | {fastfib._kernel.THREADS_MIN_N})
+
+CASES = [
+    pytest.param(n, impl, id=f"{impl}-{n}")
+    for n in THREAD_NS
+    for impl in IMPLS
+    if _runs(impl, n) and (n in NS or impl in ("fastfib-t1", "fastfib-t2", "gmpy2"))
+]
 
 
 @pytest.mark.parametrize("n, impl", CASES)
 def test_fib(benchmark, n, impl):
     benchmark.group = f"n={n}"
     benchmark.extra_info.update(n=n, impl=impl)
-    result = benchmark(IMPLS[impl], n)
+    result = benchmark(IMPLS[impl], n, **KWARGS.get(impl, {}))
     assert result == gmpy2.fib(n)
 
 
@@ -51,3 +71,46 @@ def test_fib_encoded(benchmark, n, fmt):
     benchmark.extra_info.update(n=n, impl=f"fib_encoded-{fmt}")
     out = benchmark(fastfib.fib_encoded, n, fmt)
     assert out
+
+
+def _interleaved(n: int, seconds: float = 4.0, max_rounds: int = 2000) -> dict:
+    """fib(n, threads=1), fib(n, threads=2) and gmpy2.fib(n) timed in turn, in a
+    shuffled order each round, so that a burst of load from other processes
+    hits all three alike; the ratios are medians of per-round ratios."""
+    calls = {
+        "t1": lambda: fastfib.fib(n, threads=1),
+        "t2": lambda: fastfib.fib(n, threads=2),
+        "gmpy2": lambda: gmpy2.fib(n),
+    }
+    calls["t1"]()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        calls["t1"]()
+    # A batch of calls per timing, so that one timing lasts >= ~0.5 ms.
+    batch = max(1, min(100_000, int(5e-4 / max((time.perf_counter() - t0) / 10, 1e-9))))
+    rng = random.Random(n)
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and len(times["t1"]) < max_rounds:
+        order = list(calls)
+        rng.shuffle(order)
+        for k in order:
+            f = calls[k]
+            t0 = time.perf_counter()
+            for _ in range(batch):
+                f()
+            times[k].append((time.perf_counter() - t0) / batch)
+    return {
+        "rounds": len(times["t1"]),
+        "median_s": {k: statistics.median(v) for k, v in times.items()},
+        "t2/t1": statistics.median(a / b for a, b in zip(times["t2"], times["t1"], strict=True)),
+        "t2/gmpy2": statistics.median(a / b for a, b in zip(times["t2"], times["gmpy2"], strict=True)),
+    }
+
+
+@pytest.mark.parametrize("n", sorted({30, 1000, 10**5, fastfib._kernel.THREADS_MIN_N, 10**6, 10**7}))
+def test_threads_interleaved(benchmark, n):
+    """Issue 8's ratios measured interleaved (see _interleaved); one benchmark round is one whole run."""
+    benchmark.group = "threads interleaved (one round = one A/B/C run)"
+    result = benchmark.pedantic(_interleaved, args=(n,), rounds=1, iterations=1)
+    benchmark.extra_info.update(n=n, interleaved=result)
