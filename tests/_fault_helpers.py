@@ -5,7 +5,8 @@ Builds on tests/_server_helpers.py (the ``fastfib serve`` subprocess
 
 - an oracle for protocol v1 replies that does not use ``fastfib.protocol``
   (so that a parsing bug in the server cannot hide behind the same bug here);
-- :func:`run_requests`: a pipelined load of requests with per-request headers;
+- :func:`check_replies`: every reply of a :func:`_server_helpers.run_requests`
+  load (requests with per-request headers) checked against the oracle;
 - worker RSS sampling with psutil;
 - broker-side fixtures built with ``rabbitmqctl``: users with given
   permissions, a TLS listener started at runtime, and the real shape of a
@@ -34,7 +35,15 @@ from pathlib import Path
 import gmpy2
 import pika
 import psutil
-from _server_helpers import URL, Pool, RpcClient, delete_queue, queue_depth, rabbitmqctl  # noqa: F401 - re-exported
+from _server_helpers import (  # noqa: F401 - re-exported
+    URL,
+    Pool,
+    RpcClient,
+    delete_queue,
+    queue_depth,
+    rabbitmqctl,
+    run_requests,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,32 +131,6 @@ def expected_outcome(body: bytes, headers: dict | None, max_n: int, now_ms: floa
 
 
 # ---------------------------------------------------------------------------------- load
-
-
-def run_requests(client: RpcClient, requests: list[tuple[bytes, dict | None]], window: int = 64,
-                 timeout: float = 120.0) -> dict[str, tuple[bytes, dict | None]]:
-    """Send every (body, headers) with at most ``window`` unanswered; wait for all; return cid -> request."""
-    sent: dict[str, tuple[bytes, dict | None]] = {}
-    pending: set[str] = set()
-    it = iter(requests)
-    exhausted = False
-    deadline = time.monotonic() + timeout
-    while True:
-        while not exhausted and len(pending) < window:
-            try:
-                body, headers = next(it)
-            except StopIteration:
-                exhausted = True
-                break
-            cid = client.publish(body, headers=headers)
-            sent[cid] = (body, headers)
-            pending.add(cid)
-        if exhausted and not pending:
-            return sent
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(pending)} of {len(sent)} requests unanswered after {timeout} s")
-        client.connection.process_data_events(time_limit=0.05)
-        pending = {c for c in pending if not client.replies.get(c)}
 
 
 def check_replies(client: RpcClient, sent: dict[str, tuple[bytes, dict | None]], max_n: int) -> int:

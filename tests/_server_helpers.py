@@ -151,27 +151,8 @@ class RpcClient:
 
     def run(self, bodies: list[bytes], window: int = 32, timeout: float = 60.0, headers: dict | None = None) -> dict[str, bytes]:
         """Send every body with at most ``window`` outstanding; wait for all answers; return cid -> body."""
-        cids: dict[str, bytes] = {}
-        pending: set[str] = set()
-        it = iter(bodies)
-        exhausted = False
-        deadline = time.monotonic() + timeout
-        while True:
-            while not exhausted and len(pending) < window:
-                try:
-                    body = next(it)
-                except StopIteration:
-                    exhausted = True
-                    break
-                cid = self.publish(body, headers=headers)
-                cids[cid] = body
-                pending.add(cid)
-            if exhausted and not pending:
-                return cids
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(pending)} of {len(cids)} requests unanswered after {timeout} s")
-            self.connection.process_data_events(time_limit=0.05)
-            pending = {c for c in pending if not self.replies.get(c)}
+        sent = run_requests(self, [(body, headers) for body in bodies], window, timeout)
+        return {cid: body for cid, (body, _) in sent.items()}
 
     def drain(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -189,6 +170,32 @@ class RpcClient:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def run_requests(client: RpcClient, requests: list[tuple[bytes, dict | None]], window: int = 64,
+                 timeout: float = 120.0) -> dict[str, tuple[bytes, dict | None]]:
+    """Send every (body, headers) with at most ``window`` unanswered; wait for all; return cid -> request."""
+    sent: dict[str, tuple[bytes, dict | None]] = {}
+    pending: set[str] = set()
+    it = iter(requests)
+    exhausted = False
+    deadline = time.monotonic() + timeout
+    while True:
+        while not exhausted and len(pending) < window:
+            try:
+                body, headers = next(it)
+            except StopIteration:
+                exhausted = True
+                break
+            cid = client.publish(body, headers=headers)
+            sent[cid] = (body, headers)
+            pending.add(cid)
+        if exhausted and not pending:
+            return sent
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(pending)} of {len(sent)} requests unanswered after {timeout} s")
+        client.connection.process_data_events(time_limit=0.05)
+        pending = {c for c in pending if not client.replies.get(c)}
 
 
 def delete_queue(queue: str, url: str = URL) -> None:
