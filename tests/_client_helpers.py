@@ -39,7 +39,13 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from fastfib import protocol  # noqa: E402
-from fastfib.errors import RemoteError  # noqa: E402
+from fastfib.errors import (  # noqa: E402
+    InternalServerError,
+    InvalidArgument,
+    OutOfRange,
+    RemoteError,
+    UnsupportedFormat,
+)
 
 URL = os.environ.get("FASTFIB_TEST_URL", protocol.DEFAULT_URL)
 
@@ -142,6 +148,14 @@ ERROR_KINDS_BY_N = {
     3: protocol.KIND_UNSUPPORTED_FORMAT,
     4: protocol.KIND_INTERNAL,
     5: "some_future_kind",
+}
+
+#: The exception a client must raise for each error kind (RemoteError itself for a kind it does not know).
+ERROR_CLASS_BY_KIND = {
+    protocol.KIND_INVALID_ARGUMENT: InvalidArgument,
+    protocol.KIND_OUT_OF_RANGE: OutOfRange,
+    protocol.KIND_UNSUPPORTED_FORMAT: UnsupportedFormat,
+    protocol.KIND_INTERNAL: InternalServerError,
 }
 
 
@@ -332,6 +346,14 @@ def close_broker_connection(connection_name: str, reason: str = "closed by a fas
     for pid in pids:
         _rabbitmqctl("close_connection", pid, reason)
     return len(pids)
+
+
+def close_when_received(server: FixtureServer, count: int, name: str) -> None:
+    """Once ``server`` has ``count`` requests (or after 10 s), close the connection named ``name`` from the broker."""
+    end = time.monotonic() + 10
+    while len(server.requests) < count and time.monotonic() < end:
+        time.sleep(0.02)
+    assert close_broker_connection(name) == 1
 
 
 # --- the real server: python -m fastfib serve ----------------------------------------------

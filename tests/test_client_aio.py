@@ -11,10 +11,12 @@ import time
 
 import pytest
 from _client_helpers import (
+    ERROR_CLASS_BY_KIND,
     ERROR_KINDS_BY_N,
     INTERNAL_ERROR_N,
     FixtureServer,
     close_broker_connection,
+    close_when_received,
     conformant_handler,
     declare,
     drop_first_handler,
@@ -33,13 +35,11 @@ from fastfib.aio import AsyncFibonacciRpcClient
 from fastfib.errors import (
     ConnectionLost,
     InternalServerError,
-    InvalidArgument,
     OutOfRange,
     RemoteError,
     RpcError,
     RpcTimeout,
     Unroutable,
-    UnsupportedFormat,
 )
 
 pytestmark = pytest.mark.broker
@@ -135,12 +135,7 @@ def test_validation(broker_url, queue):
 @pytest.mark.parametrize("n", sorted(ERROR_KINDS_BY_N))
 def test_each_remote_error_kind(broker_url, queue, n):
     kind = ERROR_KINDS_BY_N[n]
-    expected = {
-        protocol.KIND_INVALID_ARGUMENT: InvalidArgument,
-        protocol.KIND_OUT_OF_RANGE: OutOfRange,
-        protocol.KIND_UNSUPPORTED_FORMAT: UnsupportedFormat,
-        protocol.KIND_INTERNAL: InternalServerError,
-    }.get(kind, RemoteError)
+    expected = ERROR_CLASS_BY_KIND.get(kind, RemoteError)
 
     async def main():
         async with AsyncFibonacciRpcClient(broker_url, queue) as client:
@@ -248,7 +243,7 @@ def test_connection_closed_by_broker_mid_call(broker_url, queue):
 
     async def main(server):
         async with AsyncFibonacciRpcClient(broker_url, queue, connection_name=name, timeout=30) as client:
-            closer = asyncio.ensure_future(asyncio.to_thread(_close_when_received, server, 100, name))
+            closer = asyncio.ensure_future(asyncio.to_thread(close_when_received, server, 100, name))
             results = await asyncio.gather(*(client.call(n) for n in range(100)))
             await closer
             assert results == [fib(n) for n in range(100)]
@@ -259,13 +254,6 @@ def test_connection_closed_by_broker_mid_call(broker_url, queue):
     with FixtureServer(queue, drop_first_handler(conformant_handler()), prefetch=1000) as server:
         run(main(server))
     assert len(server.requests) == 201
-
-
-def _close_when_received(server, count, name):
-    end = time.monotonic() + 10
-    while len(server.requests) < count and time.monotonic() < end:
-        time.sleep(0.02)
-    assert close_broker_connection(name) == 1
 
 
 def test_idle_connection_lost_is_restored_on_next_call(broker_url, queue):

@@ -12,10 +12,12 @@ import time
 
 import pytest
 from _client_helpers import (
+    ERROR_CLASS_BY_KIND,
     ERROR_KINDS_BY_N,
     INTERNAL_ERROR_N,
     FixtureServer,
     close_broker_connection,
+    close_when_received,
     conformant_handler,
     declare,
     drop_first_handler,
@@ -35,13 +37,11 @@ from fastfib.client import FibonacciRpcClient
 from fastfib.errors import (
     ConnectionLost,
     InternalServerError,
-    InvalidArgument,
     OutOfRange,
     RemoteError,
     RpcError,
     RpcTimeout,
     Unroutable,
-    UnsupportedFormat,
 )
 
 pytestmark = pytest.mark.broker
@@ -185,12 +185,7 @@ def test_bad_constructor_arguments(broker_url, queue):
 @pytest.mark.parametrize("n", sorted(ERROR_KINDS_BY_N))
 def test_each_remote_error_kind(broker_url, queue, n):
     kind = ERROR_KINDS_BY_N[n]
-    expected = {
-        protocol.KIND_INVALID_ARGUMENT: InvalidArgument,
-        protocol.KIND_OUT_OF_RANGE: OutOfRange,
-        protocol.KIND_UNSUPPORTED_FORMAT: UnsupportedFormat,
-        protocol.KIND_INTERNAL: InternalServerError,
-    }.get(kind, RemoteError)
+    expected = ERROR_CLASS_BY_KIND.get(kind, RemoteError)
     with FixtureServer(queue, error_kinds_handler):
         with FibonacciRpcClient(broker_url, queue) as client:
             with pytest.raises(expected) as info:
@@ -307,7 +302,7 @@ def test_connection_closed_by_broker_mid_call(broker_url, queue):
     name = unique_name()
     with FixtureServer(queue, drop_first_handler(conformant_handler())) as server:
         with FibonacciRpcClient(broker_url, queue, connection_name=name, timeout=30) as client:
-            closer = threading.Thread(target=_close_when_received, args=(server, 1, name))
+            closer = threading.Thread(target=close_when_received, args=(server, 1, name))
             closer.start()
             start = time.monotonic()
             assert client.call(30) == 832040
@@ -325,18 +320,11 @@ def test_connection_closed_by_broker_mid_call_many(broker_url, queue):
     name = unique_name()
     with FixtureServer(queue, drop_first_handler(conformant_handler()), prefetch=1000) as server:
         with FibonacciRpcClient(broker_url, queue, connection_name=name, timeout=30) as client:
-            closer = threading.Thread(target=_close_when_received, args=(server, 20, name))
+            closer = threading.Thread(target=close_when_received, args=(server, 20, name))
             closer.start()
             assert client.call_many(range(20), window=64) == [fib(n) for n in range(20)]
             closer.join()
     assert len(server.requests) == 40
-
-
-def _close_when_received(server: FixtureServer, count: int, name: str) -> None:
-    end = time.monotonic() + 10
-    while len(server.requests) < count and time.monotonic() < end:
-        time.sleep(0.02)
-    assert close_broker_connection(name) == 1
 
 
 def test_idle_connection_lost_is_restored_on_next_call(broker_url, queue):
