@@ -136,6 +136,7 @@ cdef inline unsigned long _bit_length(unsigned long x) noexcept nogil:
 
 cdef extern from *:
     """
+    #include <sched.h>
     #include <semaphore.h>
     #include <time.h>
 
@@ -179,12 +180,14 @@ cdef extern from *:
         return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
     }
 
-    /* Wait for e to be set: spin up to spin_ns, then sleep. While spinning,
-       *beat (if not NULL) is kept at the current time, so that the other
-       thread can tell that this one is on a CPU right now. */
+    /* Wait for e to be set: spin up to spin_ns, then sleep. After the first
+       20 us the spin yields the CPU at each look, so that a thread that shares
+       this core (the other thread of the call, or another process) runs.
+       While spinning, *beat (if not NULL) is kept at the current time, so
+       that the other thread can tell that this one is on a CPU right now. */
     static void fastfib_event_wait(fastfib_event *e, long long spin_ns, long long *beat) {
         if (!__atomic_load_n(&e->flag, __ATOMIC_ACQUIRE)) {
-            long long now = fastfib_now_ns(), deadline = now + spin_ns;
+            long long now = fastfib_now_ns(), deadline = now + spin_ns, polite = now + 20000;
             unsigned int i = 0;
             while (!__atomic_load_n(&e->flag, __ATOMIC_ACQUIRE)) {
                 fastfib_cpu_relax();
@@ -193,6 +196,8 @@ cdef extern from *:
                 now = fastfib_now_ns();
                 if (beat)
                     __atomic_store_n(beat, now, __ATOMIC_RELAXED);
+                if (now > polite)
+                    sched_yield();
                 if (now > deadline) {
                     __atomic_store_n(&e->sleeping, 1, __ATOMIC_SEQ_CST);
                     /* A signal (EINTR) or an unneeded post: look at the flag again. */
