@@ -301,8 +301,9 @@ cdef void *_helper_main(void *arg) noexcept nogil:
             break
         if _helper_delay_ns:
             _sleep_ns(_helper_delay_ns)
-        # A wake-up may find nothing (the caller took that product itself):
-        # only a successful claim makes the product ours, and then done is set.
+        # A wake-up may find nothing (the caller took that product itself, or
+        # only nudged this thread to keep spinning): only a successful claim
+        # makes the product ours, and then done is set.
         if fastfib_claim(&h.claimed):
             # The caller's linear work until the next offer grows with the size.
             spin = SPIN_NS + SPIN_NS_PER_LIMB * <long long>mpz_size(h.x)
@@ -466,7 +467,15 @@ cdef void _doubling(mpz_ptr out, unsigned long n, mpz_ptr fk, mpz_ptr fk1, mpz_p
     while shift >= 0:
         # The two squarings of the step, into their own buffers: squaring in
         # place would make GMP allocate a temporary every time.
-        _mul2(h if m >= PAR_MIN_M else NULL, a, fk, fk, b, fk1, fk1)   # F[m]^2, F[m-1]^2
+        if h != NULL and m >= PAR_MIN_M:
+            _mul2(h, a, fk, fk, b, fk1, fk1)   # F[m]^2, F[m-1]^2
+            # Wake the helper (if its spin ran out while this thread finished
+            # its own square) and restart its spin, so that it is still on a
+            # CPU when the next product is offered, after the linear work below.
+            fastfib_event_set(&h.go)
+        else:
+            mpz_mul(a, fk, fk)          # F[m]^2
+            mpz_mul(b, fk1, fk1)        # F[m-1]^2
         # fk = F[2m+1] = 4 F[m]^2 - F[m-1]^2 + 2(-1)^m
         mpz_mul_2exp(fk, a, 2)
         mpz_sub(fk, fk, b)
