@@ -62,6 +62,7 @@ def pytest_sessionfinish(session, exitstatus):
                         "met": r[key] <= bound,
                         "rounds": r["rounds"],
                         "medians_s": r["median_s"],
+                        "other_cpu": r.get("other_cpu"),
                     }
                 )
     for label, num, den, ns, bound in TARGETS:
@@ -93,6 +94,8 @@ def pytest_sessionfinish(session, exitstatus):
         lines.append(
             "(interleaved rows: medians of per-round ratios, fib(n, threads=1|2) and gmpy2.fib called in turn)"
         )
+        busy = ", ".join(f"n={n}: {r.get('other_cpu')}" for n, r in sorted(inter.items()))
+        lines.append(f"(cores other processes kept busy during each interleaved run: {busy})")
     text = "\n".join(lines)
     print(text)
     out = os.environ.get("FASTFIB_KERNEL_RATIOS")

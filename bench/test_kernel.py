@@ -11,6 +11,7 @@ second core, so run this on a quiet machine.
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import time
@@ -73,6 +74,16 @@ def test_fib_encoded(benchmark, n, fmt):
     assert out
 
 
+def _busy_cpu_s() -> float | None:
+    """CPU seconds all processes have used since boot (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+
+
 def _interleaved(n: int, seconds: float = 4.0, max_rounds: int = 2000) -> dict:
     """fib(n, threads=1), fib(n, threads=2) and gmpy2.fib(n) timed in turn, in a
     shuffled order each round, so that a burst of load from other processes
@@ -90,6 +101,7 @@ def _interleaved(n: int, seconds: float = 4.0, max_rounds: int = 2000) -> dict:
     batch = max(1, min(100_000, int(5e-4 / max((time.perf_counter() - t0) / 10, 1e-9))))
     rng = random.Random(n)
     times: dict[str, list[float]] = {k: [] for k in calls}
+    busy0, cpu0, wall0 = _busy_cpu_s(), time.process_time(), time.perf_counter()
     end = time.monotonic() + seconds
     while time.monotonic() < end and len(times["t1"]) < max_rounds:
         order = list(calls)
@@ -100,8 +112,12 @@ def _interleaved(n: int, seconds: float = 4.0, max_rounds: int = 2000) -> dict:
             for _ in range(batch):
                 f()
             times[k].append((time.perf_counter() - t0) / batch)
+    wall = time.perf_counter() - wall0
+    busy1 = _busy_cpu_s()
     return {
         "rounds": len(times["t1"]),
+        # Cores that other processes kept busy meanwhile: threads=2 needs an idle one.
+        "other_cpu": None if busy0 is None else round((busy1 - busy0 - (time.process_time() - cpu0)) / wall, 2),
         "median_s": {k: statistics.median(v) for k, v in times.items()},
         "t2/t1": statistics.median(a / b for a, b in zip(times["t2"], times["t1"], strict=True)),
         "t2/gmpy2": statistics.median(a / b for a, b in zip(times["t2"], times["gmpy2"], strict=True)),
