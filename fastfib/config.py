@@ -135,6 +135,9 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            help="byte budget of each worker's LRU cache of large replies; 0 turns it off"),
     Option("--inline-max-n", "FASTFIB_INLINE_MAX_N", non_negative_int, DEFAULT_INLINE_MAX_N, metavar="N",
            help="n up to this are computed on the I/O thread, larger n on the compute thread"),
+    Option("--kernel-threads", "FASTFIB_KERNEL_THREADS", positive_int, 1, metavar="K",
+           help="threads for one large F(n) (2 uses a second core; see docs/kernel.md). For latency with fewer "
+                "workers than cores; at full load, more workers beat more threads per worker"),
     Option("--log-level", "FASTFIB_LOG_LEVEL", choice(*LOG_LEVELS, fold=str.upper), "INFO",
            metavar="{" + ",".join(LOG_LEVELS) + "}", help="log level"),
     Option("--log-format", "FASTFIB_LOG_FORMAT", choice(*LOG_FORMATS), "text", metavar="{text,json}",
@@ -246,6 +249,7 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
         max_n=v["max_n"],
         cache_bytes=v["cache_bytes"],
         inline_max_n=v["inline_max_n"],
+        kernel_threads=v["kernel_threads"],
         log_level=v["log_level"],
         log_format=v["log_format"],
         queue_durable=v["queue_durable"],

@@ -110,6 +110,8 @@ class WorkerConfig:
     max_n: int = protocol.DEFAULT_MAX_N
     cache_bytes: int = DEFAULT_CACHE_BYTES
     inline_max_n: int = DEFAULT_INLINE_MAX_N
+    #: Threads per large F(n) (fastfib.fib_encoded's ``threads``; issue 8).
+    kernel_threads: int = 1
     log_level: str = "INFO"
     stop_timeout: float = STOP_TIMEOUT
     log_format: str = "text"
@@ -669,10 +671,12 @@ class _CoalescingConnection(pika.SelectConnection):
         self._adapter_emit_data(data)
 
 
-def _kernel_encoder() -> Callable[[int, str], bytes]:
+def _kernel_encoder(threads: int = 1) -> Callable[[int, str], bytes]:
     from . import fib_encoded
 
-    return fib_encoded
+    if threads == 1:
+        return fib_encoded  # the plain call: no partial on the hot path
+    return functools.partial(fib_encoded, threads=threads)
 
 
 class Worker:
@@ -699,7 +703,7 @@ class Worker:
         self.index = index
         self.stats = Stats()
         self.exit_code = EXIT_OK
-        self._compute = compute if compute is not None else _kernel_encoder()
+        self._compute = compute if compute is not None else _kernel_encoder(config.kernel_threads)
         self._on_event = on_event or (lambda name, detail: None)
         # Pool-wide metrics (fastfib.metrics): the hot path only times replies into a local
         # histogram; _tick hands the counters to prometheus_client every _TICK seconds.
