@@ -253,7 +253,7 @@ cdef enum:
     PAR_MIN_M = 20000
     # threads >= 2 starts a helper thread only for n at least this: below it,
     # the few products it could share do not pay for the thread.
-    THREADS_MIN = 400000
+    THREADS_MIN = 600000
     # A waiting thread spins this long (plus SPIN_NS_PER_LIMB per limb of the
     # last product, as the caller's linear work between two steps grows with
     # it), then sleeps: waking a sleeping thread costs tens of microseconds.
