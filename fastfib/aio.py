@@ -31,15 +31,12 @@ from .client import (
     _MAX_WIRE_N,
     _RECONNECT_FIRST_DELAY,
     _RECONNECT_MAX_DELAY,
-    DEFAULT_TIMEOUT,
     REPLY_DIRECT,
     REPLY_EXCLUSIVE,
-    _accept_for,
     _check_n,
-    _check_reply_queue,
     _check_timeout,
     _check_window,
-    _connection_parameters,
+    _ClientSettings,
     _consumer_note,
     _lost_message,
     _PropertiesTemplate,
@@ -72,7 +69,7 @@ class _Request:
         self.generation = -1  # the connection it was last published on; -1: not yet
 
 
-class AsyncFibonacciRpcClient:
+class AsyncFibonacciRpcClient(_ClientSettings):
     """Asyncio client of the Fibonacci RPC service.
 
     ::
@@ -98,13 +95,7 @@ class AsyncFibonacciRpcClient:
         reply_queue: str = REPLY_DIRECT,
         connection_name: str | None = None,
     ) -> None:
-        self.queue = queue
-        self.timeout = DEFAULT_TIMEOUT if timeout is None else _check_timeout(timeout)
-        self.format = format
-        self._accept = _accept_for(format)
-        self.reply_queue = _check_reply_queue(reply_queue)
-        self._params = _connection_parameters(url, connection_name, "aio-client")
-        self.connection_name: str = self._params.client_properties["connection_name"]
+        self._init_settings(url, queue, timeout, format, reply_queue, connection_name, "aio-client")
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: AsyncioConnection | None = None

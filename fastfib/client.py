@@ -283,7 +283,21 @@ class _Slot:
         self.index = index
 
 
-class FibonacciRpcClient:
+class _ClientSettings:
+    """The constructor arguments both clients share, checked and stored once."""
+
+    def _init_settings(self, url: str | None, queue: str, timeout: float | None, format: str, reply_queue: str,
+                       connection_name: str | None, kind: str) -> None:
+        self.queue = queue
+        self.timeout = DEFAULT_TIMEOUT if timeout is None else _check_timeout(timeout)
+        self.format = format
+        self._accept = _accept_for(format)
+        self.reply_queue = _check_reply_queue(reply_queue)
+        self._params = _connection_parameters(url, connection_name, kind)
+        self.connection_name: str = self._params.client_properties["connection_name"]
+
+
+class FibonacciRpcClient(_ClientSettings):
     """Blocking client of the Fibonacci RPC service.
 
     >>> with FibonacciRpcClient() as fib:          # doctest: +SKIP
@@ -318,13 +332,7 @@ class FibonacciRpcClient:
         reply_queue: str = REPLY_DIRECT,
         connection_name: str | None = None,
     ) -> None:
-        self.queue = queue
-        self.timeout = DEFAULT_TIMEOUT if timeout is None else _check_timeout(timeout)
-        self.format = format
-        self._accept = _accept_for(format)
-        self.reply_queue = _check_reply_queue(reply_queue)
-        self._params = _connection_parameters(url, connection_name, "client")
-        self.connection_name: str = self._params.client_properties["connection_name"]
+        self._init_settings(url, queue, timeout, format, reply_queue, connection_name, "client")
         self._default_socket_timeout = self._params.socket_timeout
         self._default_stack_timeout = self._params.stack_timeout
 
