@@ -121,10 +121,12 @@ def _interleaved(n: int, seconds: float = 4.0, max_rounds: int = 2000) -> dict:
         "median_s": {k: statistics.median(v) for k, v in times.items()},
         "t2/t1": statistics.median(a / b for a, b in zip(times["t2"], times["t1"], strict=True)),
         "t2/gmpy2": statistics.median(a / b for a, b in zip(times["t2"], times["gmpy2"], strict=True)),
+        # Issue 2's ratio, measured the same interleaved way.
+        "t1/gmpy2": statistics.median(a / b for a, b in zip(times["t1"], times["gmpy2"], strict=True)),
     }
 
 
-@pytest.mark.parametrize("n", sorted({30, 1000, 10**5, fastfib._kernel.THREADS_MIN_N, 10**6, 10**7}))
+@pytest.mark.parametrize("n", sorted({30, 93, 1000, 10**5, fastfib._kernel.THREADS_MIN_N, 10**6, 10**7}))
 def test_threads_interleaved(benchmark, n):
     """Issue 8's ratios measured interleaved (see _interleaved); one benchmark round is one whole run."""
     benchmark.group = "threads interleaved (one round = one A/B/C run)"
