@@ -36,6 +36,8 @@ import pika
 import psutil
 from hdrh.histogram import HdrHistogram
 
+from .load import plain
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_URL = os.environ.get("FASTFIB_URL", "amqp://guest:guest@localhost:5672/%2F")
 
@@ -530,7 +532,7 @@ def run(settings: Settings, progress=None, console=None) -> dict:
 
     env = report_mod.collect_environment(settings.url)
     control = Control(settings.url)
-    env["rabbitmq"]["server_properties"] = report_mod.plain(control.server_properties)
+    env["rabbitmq"]["server_properties"] = plain(control.server_properties)
     broker = broker_process()
 
     servers: dict[str, ServerProcess] = {}

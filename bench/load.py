@@ -260,7 +260,7 @@ class LoadClient:
         self.channel = self.connection.channel()
         self.channel.basic_consume(DIRECT_REPLY_TO, self._dispatch, auto_ack=True)
         try:
-            self.server_properties = _plain(self.connection._impl.server_properties or {})
+            self.server_properties = plain(self.connection._impl.server_properties or {})
         except Exception:
             self.server_properties = {}
 
@@ -449,14 +449,14 @@ def run_fastfib_client(url: str, cell: dict, workload: Workload) -> dict:
     return stats.result()
 
 
-def _plain(value):
-    """Server properties as JSON-able values."""
+def plain(value):
+    """Server properties and the like as JSON-able values."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (bytes, bytearray)):
         return value.decode("utf-8", "replace")
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)

@@ -24,17 +24,6 @@ SCHEMA = 1
 #: ``{w}`` is each fastfib worker count of the run, ``{wmax}`` the largest.
 
 
-def plain(value):
-    """Server properties and the like as JSON-able values."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (bytes, bytearray)):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
 
 
 def _run(cmd: list[str], timeout: float = 30.0) -> str | None:
