@@ -20,11 +20,6 @@ from . import harness
 
 SCHEMA = 1
 
-#: Issue 3's and 4's targets: (id, issue, description, numerator server, cell, denominator server, cell, metric, op, threshold)
-#: ``{w}`` is each fastfib worker count of the run, ``{wmax}`` the largest.
-
-
-
 
 def _run(cmd: list[str], timeout: float = 30.0) -> str | None:
     try:
