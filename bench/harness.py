@@ -49,6 +49,10 @@ HOT_NS = (500_000, 1_000_000)
 DISTINCT_RANGE = (100_000, 1_000_000)
 #: The naive recursion makes 2*F(n+1) - 1 calls: it is not run from this n on.
 NAIVE_MAX_N = 30
+#: The two rows of a client cell: FibonacciRpcClient, and the bare pika loop doing the same
+#: round trip, interleaved with it in the same load process (bench.load).
+CLIENT_ROW = "fastfib-client"
+CLIENT_BASELINE_ROW = "pika-same-round-trip"
 
 
 class BenchFailure(Exception):
@@ -725,8 +729,12 @@ def summarize(m: Measurement) -> dict:
     count = sum(r["count"] for r in m.results)
     t_start = min(r["t_start"] for r in m.results)
     t_end = max(r["t_end"] for r in m.results)
-    span = max(t_end - t_start, 1e-9)
+    if all("busy_s" in r for r in m.results):
+        span = max(max(r["busy_s"] for r in m.results), 1e-9)  # an interleaved side: its own time only
+    else:
+        span = max(t_end - t_start, 1e-9)
     verified = sum(r["verified"] for r in m.results)
+    cpu_replies = sum(r.get("pair_verified", r["verified"]) for r in m.results)  # an interleaved pair: both sides
     h = merge_hists(m.results)
     lat = None
     if h is not None and h.get_total_count():
@@ -747,9 +755,9 @@ def summarize(m: Measurement) -> dict:
         "min_count_reached": all(r.get("min_count_reached", True) for r in m.results),
         "cpu": {
             "server_s": server_cpu,
-            "server_us_per_reply": 1e6 * server_cpu / verified if verified else None,
+            "server_us_per_reply": 1e6 * server_cpu / cpu_replies if cpu_replies else None,
             "load_s": load_cpu,
-            "load_us_per_reply": 1e6 * load_cpu / verified if verified else None,
+            "load_us_per_reply": 1e6 * load_cpu / cpu_replies if cpu_replies else None,
             "broker_s": broker_cpu,
             "wall_s": m.wall,
             "processes": (
@@ -786,48 +794,14 @@ def aggregate(raw: dict) -> list[dict]:
         groups.setdefault((m.server, m.cell), []).append(m)
     rows = []
     for (key, cell), ms in groups.items():
-        runs = [summarize(m) for m in ms]
         srv = servers[key]
-        lat_runs = [r["latency_us"] for r in runs if r["latency_us"]]
-        latency = {name: median([lr[name] for lr in lat_runs]) for name, _ in PERCENTILES + (("mean", 0), ("max", 0))} if lat_runs else None
-        h = merge_hists([res for m in ms for res in m.results])
-        row_server = "fastfib-client" if cell.api == "client" else key
-        rows.append({
-            "id": f"{row_server}|{cell.id}",
-            "server": row_server,
-            "server_label": ("FibonacciRpcClient → " + srv["label"]) if cell.api == "client" else srv["label"],
-            "server_kind": srv["kind"],
-            "pool": key,
-            "workers": srv["workers"],
-            "cache": srv["cache"],
-            "cell": cell.id,
-            "cell_label": cell.label,
-            "workload": cell.workload,
-            "n": cell.n,
-            "ns": list(HOT_NS) if cell.workload == "hot" else (list(DISTINCT_RANGE) if cell.workload == "distinct" else [cell.n]),
-            "format": cell.fmt,
-            "mode": cell.mode,
-            "api": cell.api,
-            "clients": len(ms[0].results),
-            "window": ms[0].params["window"],
-            "status": "ok",
-            "repeats": len(runs),
-            "throughput_rps": median([r["throughput_rps"] for r in runs]),
-            "latency_us": latency,
-            "count": sum(r["count"] for r in runs),
-            "verified": sum(r["verified"] for r in runs),
-            "cpu": {
-                "server_s": median([r["cpu"]["server_s"] for r in runs]),
-                "server_us_per_reply": median([r["cpu"]["server_us_per_reply"] for r in runs]),
-                "load_s": median([r["cpu"]["load_s"] for r in runs]),
-                "load_us_per_reply": median([r["cpu"]["load_us_per_reply"] for r in runs]),
-                "broker_s": median([r["cpu"]["broker_s"] for r in runs]),
-            },
-            "runs": runs,
-            "cdf": cdf_points(h) if h is not None and h.get_total_count() else None,
-            "params": {k: v for k, v in ms[0].params.items() if k not in ("queue",)},
-            "notes": _row_notes(srv, cell, runs),
-        })
+        if cell.api == "client":
+            # one client cell, two rows: FibonacciRpcClient and, interleaved with it, the bare loop
+            rows.append(_aggregate_row(CLIENT_ROW, "FibonacciRpcClient → " + srv["label"], srv, cell, ms))
+            bare = [dataclasses.replace(m, results=[r["baseline"] for r in m.results]) for m in ms]
+            rows.append(_aggregate_row(CLIENT_BASELINE_ROW, "bare pika loop, same round trip → " + srv["label"], srv, cell, bare))
+        else:
+            rows.append(_aggregate_row(key, srv["label"], srv, cell, ms))
     for nr in raw["not_run"]:
         srv = servers[nr["server"]]
         cell = next((m.cell for m in raw["measurements"] if m.cell.id == nr["cell"]), None) or _cell_from_id(nr["cell"])
@@ -841,6 +815,50 @@ def aggregate(raw: dict) -> list[dict]:
             "status": "not_run", "reason": nr["reason"],
         })
     return rows
+
+
+def _aggregate_row(row_server: str, label: str, srv: dict, cell: Cell, ms: list[Measurement]) -> dict:
+    """One row: the medians over the repeats of one (server, cell), or of one side of a client cell."""
+    runs = [summarize(m) for m in ms]
+    lat_runs = [r["latency_us"] for r in runs if r["latency_us"]]
+    latency = {name: median([lr[name] for lr in lat_runs]) for name, _ in PERCENTILES + (("mean", 0), ("max", 0))} if lat_runs else None
+    h = merge_hists([res for m in ms for res in m.results])
+    return {
+        "id": f"{row_server}|{cell.id}",
+        "server": row_server,
+        "server_label": label,
+        "server_kind": srv["kind"],
+        "pool": srv["key"],
+        "workers": srv["workers"],
+        "cache": srv["cache"],
+        "cell": cell.id,
+        "cell_label": cell.label,
+        "workload": cell.workload,
+        "n": cell.n,
+        "ns": list(HOT_NS) if cell.workload == "hot" else (list(DISTINCT_RANGE) if cell.workload == "distinct" else [cell.n]),
+        "format": cell.fmt,
+        "mode": cell.mode,
+        "api": cell.api,
+        "clients": len(ms[0].results),
+        "window": ms[0].params["window"],
+        "status": "ok",
+        "repeats": len(runs),
+        "throughput_rps": median([r["throughput_rps"] for r in runs]),
+        "latency_us": latency,
+        "count": sum(r["count"] for r in runs),
+        "verified": sum(r["verified"] for r in runs),
+        "cpu": {
+            "server_s": median([r["cpu"]["server_s"] for r in runs]),
+            "server_us_per_reply": median([r["cpu"]["server_us_per_reply"] for r in runs]),
+            "load_s": median([r["cpu"]["load_s"] for r in runs]),
+            "load_us_per_reply": median([r["cpu"]["load_us_per_reply"] for r in runs]),
+            "broker_s": median([r["cpu"]["broker_s"] for r in runs]),
+        },
+        "runs": runs,
+        "cdf": cdf_points(h) if h is not None and h.get_total_count() else None,
+        "params": {k: v for k, v in ms[0].params.items() if k not in ("queue",)},
+        "notes": _row_notes(srv, cell, runs),
+    }
 
 
 def _cell_from_id(cid: str) -> Cell:
@@ -862,6 +880,9 @@ def _row_notes(srv: dict, cell: Cell, runs: list[dict]) -> list[str]:
         notes.append("the minimum count was not reached within max_duration")
     if any(r["stray"] for r in runs):
         notes.append(f"{sum(r['stray'] for r in runs)} stray replies (unknown or repeated correlation id) dropped")
-    if cell.api == "client" and cell.mode == "pipe":
-        notes.append("call_many in batches: throughput only, no per-call latency")
+    if cell.api == "client":
+        notes.append("interleaved with the other side of this client cell in one process: "
+                     "the CPU per reply is over the replies of both sides")
+        if cell.mode == "pipe":
+            notes.append("batches of pipelined requests: throughput only, no per-request latency")
     return notes

@@ -28,9 +28,16 @@ measured, a measurement window that ends once both ``duration`` seconds and
 ``min_count`` replies are reached (or ``max_duration`` is), and a drain: the
 replies still in flight after the window are awaited and verified, not counted.
 
-The same process can instead drive ``fastfib.FibonacciRpcClient`` (``api:
-"client"``): ``call`` in seq mode, ``call_many`` in chunks in pipe mode; that
-measures issue 4's client against the bare pika loop above.
+The same process can instead measure ``fastfib.FibonacciRpcClient`` (``api:
+"client"``) against a bare pika loop doing the same round trip, the two
+interleaved: in seq mode ``client.call(n)`` and one bare request alternate call
+by call, in pipe mode ``client.call_many(batch)`` and one bare pipelined batch
+alternate batch by batch, each pair in turn in the other order. The bare side
+then sends what the client sends (a uuid4 correlation id, ``expiration``,
+``x-deadline-ms``, ``mandatory``) on its own connection. The result carries
+the bare side as ``"baseline"``. Measured in the same seconds, the ratio of
+the two does not move with the machine's load the way two cells a minute apart
+do.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import os
 import sys
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 
 import gmpy2
@@ -182,10 +190,11 @@ class Stats:
     cpu0: tuple = ()
     cpu1: tuple = ()
     min_count_reached: bool = True
+    busy_ns: int | None = None  # interleaved cells: the time spent on this side's requests only
     extra: dict = field(default_factory=dict)
 
     def result(self) -> dict:
-        elapsed = max(self.t1 - self.t0, 1e-9)
+        elapsed = max(self.t1 - self.t0 if self.busy_ns is None else self.busy_ns / 1e9, 1e-9)
         return {
             "ok": True,
             "count": self.count,
@@ -200,6 +209,7 @@ class Stats:
             "cpu_system": self.cpu1[1] - self.cpu0[1],
             "min_count_reached": self.min_count_reached,
             "pid": os.getpid(),
+            **({"busy_s": self.busy_ns / 1e9} if self.busy_ns is not None else {}),
             **self.extra,
         }
 
@@ -250,6 +260,7 @@ class LoadClient:
         self.connection: pika.BlockingConnection | None = None
         self.channel = None
         self.on_reply = None
+        self.returned: str | None = None  # a mandatory request the broker returned
         self.server_properties: dict = {}
 
     def connect(self) -> None:
@@ -259,6 +270,7 @@ class LoadClient:
         self.connection = pika.BlockingConnection(params)
         self.channel = self.connection.channel()
         self.channel.basic_consume(DIRECT_REPLY_TO, self._dispatch, auto_ack=True)
+        self.channel.add_on_return_callback(self._on_return)
         try:
             self.server_properties = plain(self.connection._impl.server_properties or {})
         except Exception:
@@ -277,9 +289,9 @@ class LoadClient:
     # --- the two bare pika modes --------------------------------------------------------
 
     def run(self, cell: dict, workload: Workload) -> dict:
-        if cell.get("api", "pika") == "client":
-            return run_fastfib_client(self.url, cell, workload)
         self.connect()
+        if cell.get("api", "pika") == "client":
+            return self._run_paired(cell, workload)
         if cell["mode"] == "seq":
             stats = self._run_seq(cell, workload)
         else:
@@ -287,7 +299,23 @@ class LoadClient:
         stats.verified += workload.verify_deferred() if workload.deferred else 0
         return stats.result()
 
-    def _props(self, fmt: str):
+    def _props(self, fmt: str, like_client: float | None = None):
+        """A function correlation id -> the request's properties.
+
+        With ``like_client`` (a timeout in seconds), the properties that
+        ``FibonacciRpcClient`` sends with that timeout: ``accept`` always,
+        ``expiration`` and ``x-deadline-ms``.
+        """
+        if like_client is not None:
+            expiration = str(int(like_client * 1000))
+            accept_value = CONTENT_TYPES[fmt]
+
+            def make_like_client(cid: str) -> pika.BasicProperties:
+                deadline_ms = int((time.time() + like_client) * 1000)
+                return pika.BasicProperties(reply_to=DIRECT_REPLY_TO, correlation_id=cid, expiration=expiration,
+                                            headers={"accept": accept_value, "x-deadline-ms": deadline_ms})
+
+            return make_like_client
         accept = {"accept": BINARY} if fmt == "binary" else None  # decimal: no header, like the tutorial's client
 
         def make(cid: str) -> pika.BasicProperties:
@@ -295,14 +323,14 @@ class LoadClient:
 
         return make
 
-    def _run_seq(self, cell: dict, workload: Workload) -> Stats:
-        stats, win = Stats(), Window(cell)
-        queue, strict = cell["queue"], bool(cell.get("strict_format", True))
-        lost_timeout = float(cell.get("lost_timeout", 30.0))
-        make_props = self._props(workload.fmt)
+    def _round_trip(self, queue: str, make_props, new_cid, lost_timeout: float, stats: Stats, mandatory: bool = False):
+        """A function (n, body) -> (t_send_ns, t_recv_ns, props, body): one request, its reply awaited.
+
+        ``t_recv_ns`` is taken in the reply's callback. A reply with another
+        correlation id counts as stray; a returned (unroutable) request fails the cell.
+        """
         publish, conn = self.channel.basic_publish, self.connection
         state = {"cid": None, "reply": None}
-        replies = 0
 
         def on_reply(props, body):
             if props.correlation_id != state["cid"] or state["reply"] is not None:
@@ -311,25 +339,45 @@ class LoadClient:
             state["reply"] = (time.perf_counter_ns(), props, body)
 
         self.on_reply = on_reply
-        seq = 0
-        while not win.done:
-            if win.measuring_since is None and win.overdue():
-                raise CellFailed("warm-up never completed")
-            n = workload.next_n()
-            body = workload.body(n)
-            seq += 1
-            cid = state["cid"] = format(seq, "x")
+
+        def one(n: int, body: bytes):
+            cid = state["cid"] = new_cid()
             state["reply"] = None
             props = make_props(cid)
             t_send = time.perf_counter_ns()
-            publish("", queue, body, props)
+            publish("", queue, body, props, mandatory)
             deadline = time.perf_counter() + lost_timeout
             while state["reply"] is None:
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     raise CellFailed(f"LOST reply: no answer for n={n} (correlation_id {cid}) within {lost_timeout:g} s")
                 conn.process_data_events(time_limit=min(left, 1.0))
+                self._check_returned()
             t_recv, rprops, rbody = state["reply"]
+            return t_send, t_recv, rprops, rbody
+
+        return one
+
+    def _on_return(self, ch, method, props, body) -> None:
+        self.returned = f"{method.reply_code} {method.reply_text} (correlation_id {props.correlation_id})"
+
+    def _check_returned(self) -> None:
+        if self.returned is not None:
+            raise CellFailed(f"UNROUTABLE request: the broker returned it: {self.returned}")
+
+    def _run_seq(self, cell: dict, workload: Workload) -> Stats:
+        stats, win = Stats(), Window(cell)
+        queue, strict = cell["queue"], bool(cell.get("strict_format", True))
+        counter = iter(range(1, 1 << 62))
+        one = self._round_trip(queue, self._props(workload.fmt), lambda: format(next(counter), "x"),
+                               float(cell.get("lost_timeout", 30.0)), stats)
+        replies = 0
+        while not win.done:
+            if win.measuring_since is None and win.overdue():
+                raise CellFailed("warm-up never completed")
+            n = workload.next_n()
+            body = workload.body(n)
+            t_send, t_recv, rprops, rbody = one(n, body)
             workload.verify(n, rprops, rbody, body, strict)
             stats.verified += 1
             replies += 1
@@ -404,49 +452,130 @@ class LoadClient:
         return stats
 
 
-def run_fastfib_client(url: str, cell: dict, workload: Workload) -> dict:
-    """Measure ``fastfib.FibonacciRpcClient``: ``call`` (seq) or ``call_many`` (pipe)."""
-    from fastfib.client import FibonacciRpcClient
+    def _pipe_batch(self, queue: str, bodies: list[bytes], window: int, make_props, lost_timeout: float,
+                    stats: Stats) -> tuple[int, list]:
+        """Every body sent, ``window`` in flight, mandatory like the client: (nanoseconds, [(props, body)] in order)."""
+        publish, conn = self.channel.basic_publish, self.connection
+        total = len(bodies)
+        replies: list = [None] * total
+        pending: dict[str, int] = {}
+        sent_got = [0, 0]
 
-    stats, win = Stats(), Window(cell)
-    window = int(cell.get("window", 32))
-    expected = {n: int(gmpy2.fib(n)) for n in workload.ns}
-    with FibonacciRpcClient(url, queue=cell["queue"]) as client:
-        replies = 0
-        if cell["mode"] == "seq":
-            call = client.call
-            while not win.done:
-                if win.measuring_since is None and win.overdue():
-                    raise CellFailed("warm-up never completed")
-                n = workload.next_n()
-                t_send = time.perf_counter_ns()
-                value = call(n)
-                t_recv = time.perf_counter_ns()
-                if value != expected[n]:
-                    raise CellFailed(f"WRONG value from FibonacciRpcClient.call({n})")
-                stats.verified += 1
-                replies += 1
-                if win.tick(stats, replies):
-                    stats.hist.record_value(max(1, (t_recv - t_send) // 1000))
-        else:
-            # call_many returns only when a whole batch is back: the warm-up and the window are
-            # checked between batches, and a batch counts when it ends inside the window.
-            chunk = int(cell.get("chunk", 1024))
-            while not win.done:
-                if win.measuring_since is None and win.overdue():
-                    raise CellFailed("warm-up never completed")
-                ns = [workload.next_n() for _ in range(chunk)]
-                values = client.call_many(ns, window=window)
-                if len(values) != len(ns) or any(v != expected[n] for n, v in zip(ns, values, strict=True)):
-                    raise CellFailed("WRONG or missing values from FibonacciRpcClient.call_many")
-                stats.verified += len(ns)
-                replies += len(ns)
-                if win.measuring_since is not None:
-                    stats.count += len(ns) - 1  # tick() adds the last one
-                win.tick(stats, replies)
-            stats.extra["chunk"] = chunk
-    win.finish(stats)
-    return stats.result()
+        def send() -> None:
+            i = sent_got[0]
+            sent_got[0] += 1
+            cid = uuid.uuid4().hex
+            pending[cid] = i
+            publish("", queue, bodies[i], make_props(cid), True)
+
+        def on_reply(props, body):
+            i = pending.pop(props.correlation_id, None)
+            if i is None:
+                stats.stray += 1
+                return
+            replies[i] = (props, body)
+            sent_got[1] += 1
+            if sent_got[0] < total:
+                send()
+
+        self.on_reply = on_reply
+        t0 = time.perf_counter_ns()
+        for _ in range(min(window, total)):
+            send()
+        last_progress, last_got = time.perf_counter(), 0
+        while sent_got[1] < total:
+            conn.process_data_events(time_limit=0.25)
+            self._check_returned()
+            now = time.perf_counter()
+            if sent_got[1] != last_got:
+                last_progress, last_got = now, sent_got[1]
+            elif now - last_progress > lost_timeout:
+                raise CellFailed(f"LOST replies: {len(pending)} requests unanswered for {lost_timeout:g} s")
+        return time.perf_counter_ns() - t0, replies
+
+    def _run_paired(self, cell: dict, workload: Workload) -> dict:
+        """``FibonacciRpcClient`` and the bare loop doing the same round trip, interleaved
+        (see the module docstring). The client's result, with the bare side's as ``"baseline"``."""
+        from fastfib.client import FibonacciRpcClient
+
+        queue, strict = cell["queue"], bool(cell.get("strict_format", True))
+        lost_timeout = float(cell.get("lost_timeout", 30.0))
+        make_props = self._props(workload.fmt, like_client=lost_timeout)
+        mine, bare, win = Stats(busy_ns=0), Stats(busy_ns=0), Window(cell)
+        expected = {n: int(gmpy2.fib(n)) for n in workload.ns}
+        clock = time.perf_counter_ns
+        with FibonacciRpcClient(self.url, queue=queue, timeout=lost_timeout, format=workload.fmt) as client:
+            rounds = replies = 0
+            if cell["mode"] == "seq":
+                call = client.call
+                one = self._round_trip(queue, make_props, lambda: uuid.uuid4().hex, lost_timeout, bare, mandatory=True)
+                while not win.done:
+                    if win.measuring_since is None and win.overdue():
+                        raise CellFailed("warm-up never completed")
+                    n = workload.next_n()
+                    body = workload.body(n)
+                    # Both sides are timed the same way: from before the call to the reply in hand.
+                    for side in ((0, 1) if rounds % 2 == 0 else (1, 0)):
+                        t0 = clock()
+                        if side == 0:
+                            value = call(n)
+                            dt_mine = clock() - t0
+                        else:
+                            _, _, rprops, rbody = one(n, body)
+                            dt_bare = clock() - t0
+                    rounds += 1
+                    if value != expected[n]:
+                        raise CellFailed(f"WRONG value from FibonacciRpcClient.call({n})")
+                    workload.verify(n, rprops, rbody, body, strict)
+                    mine.verified += 1
+                    bare.verified += 1
+                    if win.tick(mine, rounds):
+                        bare.count += 1
+                        mine.hist.record_value(max(1, dt_mine // 1000))
+                        bare.hist.record_value(max(1, dt_bare // 1000))
+                        mine.busy_ns += dt_mine
+                        bare.busy_ns += dt_bare
+            else:
+                # call_many returns only when a whole batch is back: the warm-up and the window
+                # are checked between batches, and a batch counts when it ends inside the window.
+                window = int(cell.get("window", 32))
+                chunk = int(cell.get("chunk", 512))
+                while not win.done:
+                    if win.measuring_since is None and win.overdue():
+                        raise CellFailed("warm-up never completed")
+                    ns = [workload.next_n() for _ in range(chunk)]
+                    bodies = [workload.body(n) for n in ns]
+                    for side in ((0, 1) if rounds % 2 == 0 else (1, 0)):
+                        if side == 0:
+                            t0 = clock()
+                            values = client.call_many(ns, window=window)
+                            dt_mine = clock() - t0
+                        else:
+                            dt_bare, bare_replies = self._pipe_batch(queue, bodies, window, make_props, lost_timeout, bare)
+                    rounds += 1
+                    if len(values) != len(ns) or any(v != expected[n] for n, v in zip(ns, values, strict=True)):
+                        raise CellFailed("WRONG or missing values from FibonacciRpcClient.call_many")
+                    for n, body, (rprops, rbody) in zip(ns, bodies, bare_replies, strict=True):
+                        workload.verify(n, rprops, rbody, body, strict)
+                    mine.verified += chunk
+                    bare.verified += chunk
+                    replies += chunk
+                    if win.measuring_since is not None:  # tick() below counts the batch's last reply
+                        mine.count += chunk - 1
+                        bare.count += chunk
+                        mine.busy_ns += dt_mine
+                        bare.busy_ns += dt_bare
+                    win.tick(mine, replies)
+                mine.extra["chunk"] = bare.extra["chunk"] = chunk
+        win.finish(mine)
+        # One process ran both sides: the window and the CPU times are the pair's.
+        bare.t0, bare.t1, bare.cpu0, bare.cpu1 = mine.t0, mine.t1, mine.cpu0, mine.cpu1
+        bare.min_count_reached = mine.min_count_reached
+        result = mine.result()
+        result["baseline"] = bare.result()
+        # the CPU times are the pair's: they are divided by the replies of both sides
+        result["pair_verified"] = result["baseline"]["pair_verified"] = mine.verified + bare.verified
+        return result
 
 
 def plain(value):
@@ -482,8 +611,7 @@ def serve_stdio(url: str) -> int:
                 cell = msg["cell"]
                 workload = Workload(cell["workload"], cell.get("format", "decimal"), cell.get("check", "fib"))
                 workload.prepare()
-                if cell.get("api", "pika") == "pika":
-                    client.connect()
+                client.connect()
                 say({"ready": True, "server_properties": client.server_properties})
             elif cmd == "go":
                 say({"result": client.run(cell, workload)})

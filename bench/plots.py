@@ -15,15 +15,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from .harness import CLIENT_BASELINE_ROW  # noqa: E402
 from .report import grouped_rows  # noqa: E402
 
-COLORS = {"echo": "#7f7f7f", "naive": "#d62728", "gmpy2": "#1f77b4", "fastfib": "#2ca02c", "client": "#9467bd"}
+COLORS = {"echo": "#7f7f7f", "naive": "#d62728", "gmpy2": "#1f77b4", "fastfib": "#2ca02c", "client": "#9467bd",
+          "client-baseline": "#8c564b"}
 DPI = 110
 
 
 def _color(row: dict) -> str:
     if row["api"] == "client":
-        return COLORS["client"]
+        return COLORS["client-baseline" if row["server"] == CLIENT_BASELINE_ROW else "client"]
     return COLORS.get(row["server_kind"], "black")
 
 
@@ -100,7 +102,7 @@ def throughput_vs_workers(report: dict, out: Path) -> str | None:
             ax.plot(workers, [r["throughput_rps"] for r in pools], "o-", color=COLORS["fastfib"], label="fastfib")
         for r in rows:
             if r["api"] == "client":
-                ax.plot([r["workers"]], [r["throughput_rps"]], "D", color=COLORS["client"], label=r["server_label"])
+                ax.plot([r["workers"]], [r["throughput_rps"]], "D", color=_color(r), label=r["server_label"])
             elif r["server_kind"] == "fastfib" and r.get("cache") is False:
                 ax.plot([r["workers"]], [r["throughput_rps"]], "s", color=COLORS["fastfib"], fillstyle="none", label="fastfib, no cache")
             elif r["server_kind"] != "fastfib":

@@ -18,7 +18,7 @@ import gmpy2
 import pika
 import pytest
 
-from bench import harness, load
+from bench import harness, load, report
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -178,6 +178,54 @@ def test_load_fails_loudly_on_a_lost_reply(broker_url, reference_server, mode):
 
 
 @pytest.mark.broker
+@pytest.mark.parametrize("mode", ["seq", "pipe"])
+def test_client_cell_interleaves_the_client_and_the_same_round_trip(broker_url, reference_server, mode):
+    queue = reference_server("gmpy2")
+    res = _run_cell(broker_url, _cell(queue, mode, api="client", format="binary", chunk=16))
+    bare = res["baseline"]
+    assert res["ok"] and bare["ok"]
+    # the same requests, side by side: both sides count the same replies over the same window
+    assert res["count"] == bare["count"] >= 10 and res["verified"] == bare["verified"] >= res["count"]
+    assert (res["t_start"], res["t_end"]) == (bare["t_start"], bare["t_end"])
+    assert 0 < res["busy_s"] < res["elapsed"] + 1e-9 and 0 < bare["busy_s"]
+    assert res["busy_s"] + bare["busy_s"] <= res["t_end"] - res["t_start"] + 1e-6
+    if mode == "seq":
+        assert res["hist"] and bare["hist"]
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("mode", ["seq", "pipe"])
+def test_client_cell_fails_loudly_on_a_wrong_reply(broker_url, reference_server, mode):
+    queue = reference_server("faulty", "--fault", "wrong", "--every", "7")
+    with pytest.raises(load.CellFailed, match="WRONG"):
+        _run_cell(broker_url, _cell(queue, mode, api="client", chunk=16))
+
+
+def test_client_cell_rows_and_targets_come_from_one_measurement():
+    """aggregate() splits a client cell into the client's row and the bare loop's; 4.1 divides the two."""
+    cell = harness.Cell("fixed", "binary", "seq", 20, api="client")
+    pool = {"key": "fastfib-w1", "kind": "fastfib", "label": "fastfib w=1", "workers": 1, "cache": True}
+
+    def side(p50_us: int, busy_s: float) -> dict:
+        h = load.new_histogram()
+        for _ in range(100):
+            h.record_value(p50_us)
+        return {"count": 100, "verified": 100, "t_start": 10.0, "t_end": 11.0, "busy_s": busy_s,
+                "hist": h.encode().decode("ascii"), "stray": 0, "min_count_reached": True}
+
+    result = {**side(440, 0.044), "baseline": side(400, 0.040)}
+    m = harness.Measurement("fastfib-w1", cell, 0, [result], {}, None, [(1, 0.5, 0.1)], 1.0, {"window": 1})
+    rows = harness.aggregate({"servers": [pool], "measurements": [m], "not_run": []})
+    by_server = {r["server"]: r for r in rows}
+    assert set(by_server) == {harness.CLIENT_ROW, harness.CLIENT_BASELINE_ROW}
+    # throughput over each side's own busy time, not over the shared window
+    assert by_server[harness.CLIENT_ROW]["throughput_rps"] == pytest.approx(100 / 0.044)
+    assert by_server[harness.CLIENT_BASELINE_ROW]["throughput_rps"] == pytest.approx(100 / 0.040)
+    t41 = next(t for t in report.compute_targets(rows, [pool], {"serve": True, "client": True}) if t["issue"] == "4.1")
+    assert t41["status"] == "measured" and t41["ratio"] == pytest.approx(1.1, rel=0.01) and t41["ratios_by_repeat"]
+
+
+@pytest.mark.broker
 @pytest.mark.slow
 def test_quick_benchmark_run_writes_the_report(broker_url, tmp_path):
     out = tmp_path / "results"
@@ -207,7 +255,10 @@ def test_quick_benchmark_run_writes_the_report(broker_url, tmp_path):
             assert r["latency_us"]["p50"] <= r["latency_us"]["p99"] <= r["latency_us"]["p99.9"]
             assert r["cdf"] and r["cdf"][-1][0] == pytest.approx(100.0)
     if report["fastfib"]["client"]:
-        assert {r["cell"] for r in ok if r["server"] == "fastfib-client"} == {"n=20/binary/seq/client", "n=20/binary/pipe/client"}
+        for side in (harness.CLIENT_ROW, harness.CLIENT_BASELINE_ROW):
+            assert {r["cell"] for r in ok if r["server"] == side} == {"n=20/binary/seq/client", "n=20/binary/pipe/client"}, side
+        client_targets = {t["issue"]: t for t in report["targets"] if t["issue"] in ("4.1", "4.2")}
+        assert set(client_targets) == {"4.1", "4.2"} and all(t["status"] == "measured" for t in client_targets.values())
     else:
         assert any("client rows" in n for n in report["notes"])
     # the naive server: measured at n=30 with a few calls, never at n >= 1000
