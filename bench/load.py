@@ -451,7 +451,6 @@ class LoadClient:
         win.finish(stats)
         return stats
 
-
     def _pipe_batch(self, queue: str, bodies: list[bytes], window: int, make_props, lost_timeout: float,
                     stats: Stats) -> tuple[int, list]:
         """Every body sent, ``window`` in flight, mandatory like the client: (nanoseconds, [(props, body)] in order)."""
