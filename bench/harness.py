@@ -787,7 +787,7 @@ def median(values):
 
 
 def aggregate(raw: dict) -> list[dict]:
-    """Rows: one per (server, cell), medians over the repeats."""
+    """Rows: one per (server, cell), two for a client cell (the client, its baseline); medians over the repeats."""
     servers = {s["key"]: s for s in raw["servers"]}
     groups: dict[tuple[str, Cell], list[Measurement]] = {}
     for m in raw["measurements"]:
