@@ -29,9 +29,21 @@ from _fault_helpers import (
     wait_until,
 )
 
+import fastfib
+
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 WORKERS = 2
+
+
+def _best_time(fn, repeat: int = 3) -> float:
+    """The fastest of ``repeat`` runs of ``fn``, in seconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _error(reply) -> tuple[str, str]:
@@ -134,8 +146,12 @@ def test_how_long_small_requests_wait_behind_a_flood_of_max_n_requests(queue, pr
         assert r["p50"] < 0.25, r
     else:
         # FIFO queue: the first small request reaches a worker only once at most workers x prefetch
-        # requests are ahead of it (a few more may be answered meanwhile).
-        assert r["flood_done_at_first_probe"] >= flood - window - WORKERS, r
+        # requests are ahead of it, so it waits while the workers compute the rest of the flood.
+        # The bound comes from the kernel's own speed, not from the flood replies that had
+        # arrived: on a fast machine one pika reader takes in 209 KB replies slower than two
+        # workers make them, so arrivals lag what the workers did.
+        per_request = _best_time(lambda: fastfib.fib_encoded(999_999, "decimal"))
+        assert r["first"] >= 0.8 * per_request * (flood - window - WORKERS) / WORKERS, (per_request, r)
         assert r["first"] > 0.5 * r["flood_took"] * (flood - window) / flood, r
         # Once it is through, the rest are fast (they reach a worker with room at once).
         assert r["p50"] < 0.25, r

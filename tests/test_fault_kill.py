@@ -71,12 +71,16 @@ def _mixed_ns(count: int, seed: int) -> list[int]:
 
 
 def _load(url: str, queue: str, ns: list[int], fmt: str, out: dict, key: str, chunk: int = 1000) -> None:
-    """call_many over ``ns`` in chunks; store the results (or the exception) in ``out[key]``."""
+    """call_many over ``ns`` in chunks; store the results (or the exception) in ``out[key]``.
+
+    ``out[key + "_done"]`` counts the values answered so far, chunk by chunk.
+    """
     try:
         results: list[int] = []
         with FibonacciRpcClient(url, queue, timeout=90, format=fmt) as client:
             for start in range(0, len(ns), chunk):
                 results += client.call_many(ns[start:start + chunk], window=64)
+                out[key + "_done"] = len(results)
         out[key] = results
     except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
         out[key] = exc
@@ -165,9 +169,11 @@ def test_sigterm_during_load_then_a_new_pool_loses_nothing(queue, broker_url, du
     out: dict = {}
     with Pool(queue, "--prefetch", "64", workers=WORKERS) as pool:
         pool.wait_ready()
-        thread = threading.Thread(target=_load, args=(broker_url, queue, ns, "binary", out, "r", 8000), daemon=True)
+        thread = threading.Thread(target=_load, args=(broker_url, queue, ns, "binary", out, "r", 500), daemon=True)
         thread.start()
-        time.sleep(1.0)
+        # Stop once the load is under way: a fixed sleep let a fast machine finish it first.
+        wait_until(lambda: out.get("r_done", 0) >= 1000 or not thread.is_alive(), 60, interval=0.005,
+                   what="1000 of the calls answered")
         stop_started = time.monotonic()
         pool.signal(signal.SIGTERM)
         assert pool.wait(60) == 0

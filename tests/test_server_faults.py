@@ -99,7 +99,11 @@ def test_sigterm_under_load_loses_nothing_and_a_new_pool_drains_the_rest(queue):
         with Pool(queue, "--prefetch", "64") as pool:
             pool.wait_ready()
             thread, result = run_in_thread(client.run, bodies, window=32, timeout=90)
-            time.sleep(0.5)
+            # Stop once the load is under way: a fixed sleep let a fast machine finish it first.
+            deadline = time.monotonic() + 30
+            while len(client.replies) < len(bodies) // 10:
+                assert time.monotonic() < deadline, "the load did not get under way"
+                time.sleep(0.005)
             pool.signal(signal.SIGTERM)
             assert pool.wait(30) == 0
             text = pool.text()
