@@ -881,8 +881,8 @@ def _row_notes(srv: dict, cell: Cell, runs: list[dict]) -> list[str]:
     if any(r["stray"] for r in runs):
         notes.append(f"{sum(r['stray'] for r in runs)} stray replies (unknown or repeated correlation id) dropped")
     if cell.api == "client":
-        notes.append("interleaved with the other side of this client cell in one process: "
-                     "the CPU per reply is over the replies of both sides")
+        notes.append("interleaved with the other side of this client cell in one process: replies/s is over "
+                     "this side's own time; the CPU per reply is over the replies of both sides")
         if cell.mode == "pipe":
             notes.append("batches of pipelined requests: throughput only, no per-request latency")
     return notes

@@ -184,13 +184,18 @@ def test_client_cell_interleaves_the_client_and_the_same_round_trip(broker_url, 
     res = _run_cell(broker_url, _cell(queue, mode, api="client", format="binary", chunk=16))
     bare = res["baseline"]
     assert res["ok"] and bare["ok"]
-    # the same requests, side by side: both sides count the same replies over the same window
+    # the same requests, side by side: both sides count the same replies
     assert res["count"] == bare["count"] >= 10 and res["verified"] == bare["verified"] >= res["count"]
-    assert (res["t_start"], res["t_end"]) == (bare["t_start"], bare["t_end"])
-    assert 0 < res["busy_s"] < res["elapsed"] + 1e-9 and 0 < bare["busy_s"]
-    assert res["busy_s"] + bare["busy_s"] <= res["t_end"] - res["t_start"] + 1e-6
+    assert res["pair_verified"] == res["verified"] + bare["verified"]
+    # each side's own time: both took some, and together no more than the window they shared
+    assert res["busy_s"] > 0 and bare["busy_s"] > 0
+    assert res["busy_s"] + bare["busy_s"] <= res["t_end"] - res["t_start"] + 1e-3
     if mode == "seq":
-        assert res["hist"] and bare["hist"]
+        # one latency per counted call, on each side
+        for side in (res, bare):
+            assert load.HdrHistogram.decode(side["hist"].encode("ascii")).get_total_count() == side["count"]
+    else:
+        assert res["hist"] is None and bare["hist"] is None  # batches: no per-request latency
 
 
 @pytest.mark.broker

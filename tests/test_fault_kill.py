@@ -174,6 +174,8 @@ def test_sigterm_during_load_then_a_new_pool_loses_nothing(queue, broker_url, du
         # Stop once the load is under way: a fixed sleep let a fast machine finish it first.
         wait_until(lambda: out.get("r_done", 0) >= 1000 or not thread.is_alive(), 60, interval=0.005,
                    what="1000 of the calls answered")
+        if isinstance(out.get("r"), BaseException):
+            raise out["r"]
         stop_started = time.monotonic()
         pool.signal(signal.SIGTERM)
         assert pool.wait(60) == 0

@@ -102,6 +102,9 @@ def test_sigterm_under_load_loses_nothing_and_a_new_pool_drains_the_rest(queue):
             # Stop once the load is under way: a fixed sleep let a fast machine finish it first.
             deadline = time.monotonic() + 30
             while len(client.replies) < len(bodies) // 10:
+                if "error" in result:
+                    raise result["error"]
+                assert thread.is_alive(), "the load finished before a tenth of it was answered"
                 assert time.monotonic() < deadline, "the load did not get under way"
                 time.sleep(0.005)
             pool.signal(signal.SIGTERM)
