@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .cache import DEFAULT_CACHE_BYTES
+from .limits import DEFAULT_MAX_REPLY_BYTES
 from .logs import LOG_FORMATS, LOG_LEVELS, mask_url
 from .protocol import DEFAULT_MAX_N, DEFAULT_QUEUE, DEFAULT_URL
 from .worker import DEFAULT_INLINE_MAX_N, DEFAULT_PREFETCH, QUEUE_TYPES, WorkerConfig
@@ -131,6 +132,10 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            help="unacknowledged requests each worker may hold (basic.qos prefetch_count)"),
     Option("--max-n", "FASTFIB_MAX_N", non_negative_int, DEFAULT_MAX_N, metavar="N",
            help="the largest n served; larger n get an out_of_range error"),
+    Option("--max-reply-bytes", "FASTFIB_MAX_REPLY_BYTES", positive_int, DEFAULT_MAX_REPLY_BYTES, metavar="BYTES",
+           help="the largest reply body sent; a request whose F(n) would be larger gets out_of_range before it is "
+                "computed. Keep it at or below the broker's max_message_size (RabbitMQ 4.x: 16 MiB, 3.x: 128 MiB)",
+           shown_default="16777216 (16 MiB)"),
     Option("--cache-bytes", "FASTFIB_CACHE_BYTES", non_negative_int, DEFAULT_CACHE_BYTES, metavar="BYTES",
            help="byte budget of each worker's LRU cache of large replies; 0 turns it off"),
     Option("--inline-max-n", "FASTFIB_INLINE_MAX_N", non_negative_int, DEFAULT_INLINE_MAX_N, metavar="N",
@@ -247,6 +252,7 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
         queue=v["queue"],
         prefetch=v["prefetch"],
         max_n=v["max_n"],
+        max_reply_bytes=v["max_reply_bytes"],
         cache_bytes=v["cache_bytes"],
         inline_max_n=v["inline_max_n"],
         kernel_threads=v["kernel_threads"],

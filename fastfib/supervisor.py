@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .limits import max_n_warning
 from .logs import configure_logging, mask_url
 from .worker import EXIT_ACCESS_REFUSED, EXIT_FAILURE, EXIT_OK, WorkerConfig, run_worker
 
@@ -107,6 +108,9 @@ class Supervisor:
                 self.workers, self.config.queue, ", ".join(mask_url(u) for u in self.config.urls),
                 self.config.prefetch, self.config.max_n, self.config.cache_bytes, self.config.describe_queue(),
             )
+            too_large = max_n_warning(self.config.max_n, self.config.max_reply_bytes)
+            if too_large:
+                log.warning("%s", too_large)
             if self.metrics_port is not None:
                 code = self._start_metrics()
                 if code is not None:

@@ -60,6 +60,7 @@ from pika.spec import BasicProperties
 from . import protocol
 from .cache import DEFAULT_CACHE_BYTES, ReplyCache
 from .errors import RemoteError
+from .limits import DEFAULT_MAX_REPLY_BYTES, ReplySizeLimit
 from .logs import configure_logging, mask_url  # noqa: F401 - mask_url: part of this module's API
 
 if TYPE_CHECKING:
@@ -108,6 +109,7 @@ class WorkerConfig:
     queue: str = protocol.DEFAULT_QUEUE
     prefetch: int = DEFAULT_PREFETCH
     max_n: int = protocol.DEFAULT_MAX_N
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
     cache_bytes: int = DEFAULT_CACHE_BYTES
     inline_max_n: int = DEFAULT_INLINE_MAX_N
     #: Threads per large F(n) (fastfib.fib_encoded's ``threads``; issue 8).
@@ -717,6 +719,7 @@ class Worker:
         self._url_index = index % len(self._params)
         self._failures = 0  # consecutive failed connection attempts (or losses)
         self._max_n = config.max_n
+        self._reply_limit = ReplySizeLimit(config.max_reply_bytes, config.max_n)
         self._inline_max_n = config.inline_max_n
         self._cache = ReplyCache(config.cache_bytes)
 
@@ -1084,6 +1087,7 @@ class Worker:
             else:
                 fmt = "decimal"
             n = protocol.parse_n(body, self._max_n)
+            self._reply_limit.check(n, fmt)
             if n <= self._inline_max_n:
                 payload = self._compute(n, fmt)
             else:
