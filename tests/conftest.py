@@ -64,3 +64,39 @@ def queue(broker_url, queue_name):
 
     yield queue_name
     delete_queue(queue_name, broker_url)
+
+
+@pytest.fixture(scope="session")
+def broker_properties(broker_url) -> dict:
+    """The test broker's server properties (product, version, ...), read from a real connection.
+
+    Version-specific tests select themselves with it (``pytest.skip`` only for a version that
+    does not have the behaviour they test); a missing broker still FAILS, through ``broker_url``.
+    """
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        return dict(connection._impl.server_properties)
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def broker_has_541_crash(broker_properties):
+    """For tests of the Direct Reply-to 541 crash (RabbitMQ before 3.9.26, 3.10.12, 3.11.4, 3.12.0)."""
+    from fastfib.server.reply_guard import broker_version, needs_probe
+
+    if not needs_probe(broker_properties):
+        pytest.skip(f"RabbitMQ {broker_version(broker_properties)} does not have the Direct Reply-to 541 crash "
+                    "(fixed in 3.9.26, 3.10.12, 3.11.4, 3.12.0)")
+
+
+@pytest.fixture
+def broker_takes_128_mib(broker_properties):
+    """For tests that send messages above 16 MiB: RabbitMQ 3.x's default max_message_size is 128 MiB, 4.x's 16 MiB."""
+    from fastfib.server.reply_guard import broker_version
+
+    version = broker_version(broker_properties)
+    if version is None or version >= (4, 0, 0):
+        pytest.skip(f"RabbitMQ {version}: the default max_message_size is 16 MiB from 4.0 (128 MiB on 3.x)")
