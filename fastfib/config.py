@@ -23,7 +23,7 @@ from typing import Any
 from .cache import DEFAULT_CACHE_BYTES
 from .logs import LOG_FORMATS, LOG_LEVELS, mask_url
 from .protocol import DEFAULT_MAX_N, DEFAULT_QUEUE, DEFAULT_URL
-from .worker import DEFAULT_INLINE_MAX_N, DEFAULT_PREFETCH, QUEUE_TYPES, WorkerConfig
+from .server.settings import DEFAULT_INLINE_MAX_N, DEFAULT_PREFETCH, QUEUE_TYPES, WorkerConfig
 
 DEFAULT_METRICS_HOST = "127.0.0.1"
 

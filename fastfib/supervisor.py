@@ -10,7 +10,7 @@ watches:
   ``all N workers consuming`` (again after a recovery);
 - a worker that dies is restarted after a backoff (0.5 s, doubling up to 30 s
   while it keeps dying within 30 s of its start), and the death is logged;
-- a worker that exits with :data:`~fastfib.worker.EXIT_ACCESS_REFUSED`
+- a worker that exits with :data:`~fastfib.exitcodes.EXIT_ACCESS_REFUSED`
   (credentials or permissions refused) stops the whole pool, which exits with
   that code: a retry loop would not help;
 - SIGTERM or SIGINT is forwarded (as SIGTERM) to every worker, which cancels
@@ -37,13 +37,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .exitcodes import EXIT_ACCESS_REFUSED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from .logs import configure_logging, mask_url
-from .worker import EXIT_ACCESS_REFUSED, EXIT_FAILURE, EXIT_OK, WorkerConfig, run_worker
+from .server.lifecycle import run_worker
+from .server.settings import WorkerConfig
 
 log = logging.getLogger("fastfib.supervisor")
-
-#: Exit code when the metrics endpoint cannot be set up (prometheus_client missing).
-EXIT_USAGE = 2
 
 RESTART_BASE = 0.5
 RESTART_CAP = 30.0

@@ -17,7 +17,7 @@ from _ops_helpers import ROOT, blocked_prometheus_path, clean_env, run_serve
 from fastfib import config as cfg
 from fastfib.cli import build_parser
 from fastfib.logs import JsonFormatter, TextFormatter, configure_logging, mask_secrets
-from fastfib.worker import WorkerConfig
+from fastfib.server.settings import WorkerConfig
 
 
 def settings(argv: list[str], env: dict[str, str] | None = None) -> cfg.ServeSettings:
@@ -150,9 +150,9 @@ def test_metrics_port_without_prometheus_client_is_a_clear_usage_error(tmp_path)
 
 
 def test_nothing_imports_prometheus_client_without_metrics():
-    code = ("import sys; from fastfib.cli import build_parser; from fastfib import config, supervisor, worker, health;"
+    code = ("import sys; from fastfib.cli import build_parser; from fastfib import config, supervisor, health; from fastfib.server import lifecycle, settings;"
             "a = build_parser().parse_args(['serve']); config.serve_settings(a, {});"
-            "w = worker.Worker(worker.WorkerConfig()); w._flush_metrics();"
+            "w = lifecycle.Worker(settings.WorkerConfig()); w._flush_metrics();"
             "print(sorted(m for m in sys.modules if m.startswith('prometheus')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                          env=clean_env())
@@ -164,7 +164,7 @@ def test_nothing_imports_prometheus_client_without_metrics():
 
 
 def _record(msg: str, *args, level=logging.WARNING, exc_info=None) -> logging.LogRecord:
-    return logging.LogRecord("fastfib.worker", level, __file__, 1, msg, args, exc_info)
+    return logging.LogRecord("fastfib.server.lifecycle", level, __file__, 1, msg, args, exc_info)
 
 
 def test_mask_secrets_in_any_text():
@@ -181,7 +181,7 @@ def test_json_formatter_fields_and_masking():
     line = fmt.format(_record("cannot connect to %s", "amqp://guest:topsecret@h:5672/%2F"))
     entry = json.loads(line)
     assert set(entry) >= {"time", "level", "logger", "message", "worker", "pid"}
-    assert entry["level"] == "WARNING" and entry["logger"] == "fastfib.worker" and entry["worker"] == 3
+    assert entry["level"] == "WARNING" and entry["logger"] == "fastfib.server.lifecycle" and entry["worker"] == 3
     assert entry["time"].endswith("Z") and "T" in entry["time"]
     assert entry["message"] == "cannot connect to amqp://guest:***@h:5672/%2F" and "topsecret" not in line
     try:
