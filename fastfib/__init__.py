@@ -36,9 +36,17 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
         "`python setup.py build_ext --inplace`). fastfib has no pure-Python fallback."
     ) from exc
 
-from .client import FibonacciRpcClient  # noqa: E402, F401
-
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The blocking client imports pika: loaded on first use, so that `import fastfib` and
+    # `fastfib.fib(n)` do not load pika.
+    if name == "FibonacciRpcClient":
+        from .client import FibonacciRpcClient
+
+        return FibonacciRpcClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def kernel_info() -> str:

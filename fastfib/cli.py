@@ -11,10 +11,7 @@ import argparse
 import sys
 
 # Exit codes of `fastfib call` (issue 4); argparse itself exits 2 on bad arguments.
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_REMOTE_ERROR = 3
-EXIT_TIMEOUT = 4
+from .exitcodes import EXIT_OK, EXIT_REMOTE_ERROR, EXIT_TIMEOUT, EXIT_USAGE  # noqa: F401 - part of the CLI's API
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from .cache import DEFAULT_CACHE_BYTES
 from .limits import DEFAULT_MAX_REPLY_BYTES
 from .logs import LOG_FORMATS, LOG_LEVELS, mask_url
 from .protocol import DEFAULT_MAX_N, DEFAULT_QUEUE, DEFAULT_URL
-from .worker import DEFAULT_INLINE_MAX_N, DEFAULT_PREFETCH, QUEUE_TYPES, WorkerConfig
+from .server.settings import DEFAULT_INLINE_MAX_N, DEFAULT_PREFETCH, QUEUE_TYPES, WorkerConfig
 
 DEFAULT_METRICS_HOST = "127.0.0.1"
 
@@ -152,10 +152,13 @@ SERVE_OPTIONS: tuple[Option, ...] = (
                 "port (logged). Needs prometheus_client (pip install 'fastfib[metrics]')", shown_default="off"),
     Option("--metrics-host", "FASTFIB_METRICS_HOST", non_empty, DEFAULT_METRICS_HOST, metavar="HOST",
            help="address the metrics endpoint listens on"),
-    Option("--queue-durable", "FASTFIB_QUEUE_DURABLE", boolean, False, kind="bool",
-           help="declare a durable classic queue instead of the tutorial's non-durable one"),
-    Option("--queue-type", "FASTFIB_QUEUE_TYPE", choice(*QUEUE_TYPES), "classic",
-           metavar="{" + ",".join(QUEUE_TYPES) + "}", help="quorum: a replicated, durable quorum queue"),
+    Option("--queue-type", "FASTFIB_QUEUE_TYPE", choice(*QUEUE_TYPES), "quorum",
+           metavar="{" + ",".join(QUEUE_TYPES) + "}",
+           help="how a missing queue is declared: quorum (durable, replicated; the current RabbitMQ tutorial's) or "
+                "classic. An existing queue is served as it is, whatever its kind"),
+    Option("--queue-durable", "FASTFIB_QUEUE_DURABLE", boolean, True, kind="bool",
+           help="declare a durable queue; --queue-type classic --no-queue-durable is the seed tutorial's transient "
+                "queue (RabbitMQ 4.3 refuses it by default). Quorum queues are always durable"),
     Option("--dead-letter-exchange", "FASTFIB_DEAD_LETTER_EXCHANGE", non_empty, None, metavar="EXCHANGE",
            help="declare the queue with this dead-letter exchange (x-dead-letter-exchange); declaring the "
                 "exchange and binding a queue to it is the deployment's job", shown_default="none"),
@@ -236,6 +239,10 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
     v = resolve(args, environ)
     if v["max_n"] > MAX_N:
         raise ConfigError(f"--max-n {v['max_n']} is above the kernel's limit {MAX_N}")
+    if not v["queue_durable"] and v["queue_type"] == "quorum":
+        raise ConfigError("--no-queue-durable (FASTFIB_QUEUE_DURABLE) needs --queue-type classic: a quorum queue is "
+                          "always durable (the seed tutorial's transient queue is --queue-type classic "
+                          "--no-queue-durable)")
     if v["delivery_limit"] is not None and v["queue_type"] != "quorum":
         raise ConfigError("--delivery-limit (FASTFIB_DELIVERY_LIMIT) needs --queue-type quorum")
     if v["dead_letter_routing_key"] is not None and v["dead_letter_exchange"] is None:

@@ -29,11 +29,9 @@ import urllib.request
 from dataclasses import dataclass
 
 from .config import ConfigError, Option, add_arguments, non_empty, non_negative_int, resolve
+from .exitcodes import EXIT_HEALTHY, EXIT_UNHEALTHY
 from .logs import mask_url
 from .protocol import DEFAULT_QUEUE, DEFAULT_URL
-
-EXIT_HEALTHY = 0
-EXIT_UNHEALTHY = 1
 
 
 def _positive_seconds(text: str) -> float:

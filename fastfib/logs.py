@@ -5,7 +5,7 @@ Two formats, chosen with ``--log-format`` (``FASTFIB_LOG_FORMAT``):
 - ``text`` (default): ``2024-05-01 12:00:00,123 INFO worker-0[1234]: message``;
 - ``json``: one JSON object per line, for log shippers::
 
-    {"time": "2024-05-01T12:00:00.123Z", "level": "INFO", "logger": "fastfib.worker",
+    {"time": "2024-05-01T12:00:00.123Z", "level": "INFO", "logger": "fastfib.server.lifecycle",
      "message": "...", "process": "worker-0", "worker": 0, "pid": 1234}
 
   plus ``"exception"`` (the formatted traceback) when there is one.

@@ -14,7 +14,7 @@ What it costs a worker: a prometheus_client ``Counter.inc`` in multiprocess
 mode is a lock and an mmap write, about 2 us here, and ``Histogram.observe``
 4.5 to 6 us, where a whole n=20 request costs the worker about 60 us of CPU.
 So the hot path touches no prometheus_client object: the worker's plain
-counters (:class:`fastfib.worker.Stats`, the cache's hits and misses) are
+counters (:class:`fastfib.server.stats.Stats`, the cache's hits and misses) are
 already there, and a reply's duration goes into a :class:`LocalHistogram`
 (two ``perf_counter`` calls and a ``bisect``, well under 1 us). Every 0.2 s
 (the worker's housekeeping tick), and once more when it stops,

@@ -2,7 +2,7 @@
 
 Everything both sides must agree on lives here: how a request body is parsed
 and bounds-checked, which headers mean what, how an error reply is built, and
-how a reply is decoded. The server (:mod:`fastfib.worker`) and the clients
+how a reply is decoded. The server (:mod:`fastfib.server`) and the clients
 (:mod:`fastfib.client`, :mod:`fastfib.aio`) import it, so that the contract is
 written down once.
 """

@@ -10,9 +10,10 @@ watches:
   ``all N workers consuming`` (again after a recovery);
 - a worker that dies is restarted after a backoff (0.5 s, doubling up to 30 s
   while it keeps dying within 30 s of its start), and the death is logged;
-- a worker that exits with :data:`~fastfib.worker.EXIT_ACCESS_REFUSED`
-  (credentials or permissions refused) stops the whole pool, which exits with
-  that code: a retry loop would not help;
+- a worker that exits with :data:`~fastfib.exitcodes.EXIT_ACCESS_REFUSED`
+  (credentials or permissions refused) or :data:`~fastfib.exitcodes.EXIT_CONFIG`
+  (the broker refused the queue declaration) stops the whole pool, which exits
+  with that code: a retry loop would not help;
 - SIGTERM or SIGINT is forwarded (as SIGTERM) to every worker, which cancels
   its consumer, finishes, replies to and acknowledges what it is computing,
   and closes its connection (the broker requeues prefetched requests). The
@@ -37,14 +38,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .exitcodes import EXIT_ACCESS_REFUSED, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from .limits import max_n_warning
 from .logs import configure_logging, mask_url
-from .worker import EXIT_ACCESS_REFUSED, EXIT_FAILURE, EXIT_OK, WorkerConfig, run_worker
+from .server.lifecycle import run_worker
+from .server.settings import WorkerConfig
 
 log = logging.getLogger("fastfib.supervisor")
-
-#: Exit code when the metrics endpoint cannot be set up (prometheus_client missing).
-EXIT_USAGE = 2
 
 RESTART_BASE = 0.5
 RESTART_CAP = 30.0
@@ -262,10 +262,10 @@ class Supervisor:
         self._update_readiness()
         if self._stopping:
             return
-        if code == EXIT_ACCESS_REFUSED:
+        if code in (EXIT_ACCESS_REFUSED, EXIT_CONFIG):
             log.critical("worker %d (pid %d) refused by the broker (%s): stopping the pool",
                          slot.index, process.pid, slot.fatal_message or "credentials or permissions")
-            self._exit_code = EXIT_ACCESS_REFUSED
+            self._exit_code = code
             self._stopping = True
             return
         lived = time.monotonic() - slot.started

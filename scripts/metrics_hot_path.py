@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pika.spec import BasicProperties  # noqa: E402
 
 from fastfib.metrics import BUCKETS, LocalHistogram  # noqa: E402
-from fastfib.worker import Worker, WorkerConfig  # noqa: E402
+from fastfib.server.lifecycle import Worker
+from fastfib.server.settings import WorkerConfig  # noqa: E402
 
 
 class _Channel:
@@ -52,14 +53,14 @@ class _HotPathOnly:
 def per_request_us(metrics, requests: int) -> float:
     worker = Worker(WorkerConfig(), metrics=metrics)
     channel = _Channel()
-    worker._channel = channel
+    worker._set_channel(channel)
     props = BasicProperties(reply_to="amq.gen-x", correlation_id="c")
-    handle = worker._handle
+    handle = worker.dispatcher.handle
     start = time.perf_counter()
     for tag in range(1, requests + 1):
         handle(channel, tag, props, b"20")
         if tag % 32 == 0:
-            worker._acks.clear()
+            worker.acks.bind(channel)  # drop the collected acks
     return (time.perf_counter() - start) / requests * 1e6
 
 

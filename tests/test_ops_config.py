@@ -17,7 +17,7 @@ from _ops_helpers import ROOT, blocked_prometheus_path, clean_env, run_serve
 from fastfib import config as cfg
 from fastfib.cli import build_parser
 from fastfib.logs import JsonFormatter, TextFormatter, configure_logging, mask_secrets
-from fastfib.worker import WorkerConfig
+from fastfib.server.settings import WorkerConfig
 
 
 def settings(argv: list[str], env: dict[str, str] | None = None) -> cfg.ServeSettings:
@@ -36,7 +36,9 @@ def test_defaults_without_flags_or_environment():
         ("rpc_queue", 64, 1_000_000, 20_000, "INFO", "text")
     assert w.cache_bytes == 64 * 1024 * 1024 and s.workers >= 1
     assert s.metrics_port is None and s.metrics_host == "127.0.0.1" and not w.metrics
-    assert w.queue_declaration() == (False, None)  # the tutorial's queue_declare(queue)
+    # Issue 14: the current tutorial's declaration (durable, quorum), not the seed tutorial's transient one.
+    assert w.queue_declaration() == (True, {"x-queue-type": "quorum"})
+    assert w.max_reply_bytes == 16 * 1024 * 1024
 
 
 def test_environment_beats_default_and_flag_beats_environment():
@@ -51,7 +53,7 @@ def test_environment_beats_default_and_flag_beats_environment():
     assert w.urls == ("amqp://a:1@h1/%2F", "amqp://a:1@h2/%2F") and w.queue_durable and w.metrics
 
     s = settings(["--queue", "flag-q", "--workers", "1", "--prefetch", "2", "--log-format", "text",
-                  "--no-queue-durable", "--url", "amqp://b:2@h3/%2F", "--metrics-port", "0"], env)
+                  "--queue-type", "classic", "--no-queue-durable", "--url", "amqp://b:2@h3/%2F", "--metrics-port", "0"], env)
     w = s.worker
     assert (w.queue, s.workers, w.prefetch, w.log_format, w.queue_durable) == ("flag-q", 1, 2, "text", False)
     assert w.urls == ("amqp://b:2@h3/%2F",) and s.metrics_port == 0
@@ -68,7 +70,8 @@ def test_every_serve_flag_has_a_variable_and_appears_in_help():
     for opt in cfg.SERVE_OPTIONS:
         assert opt.env.startswith("FASTFIB_") and f"env {opt.env})" in help_text
     for shown in ("default: rpc_queue", "default: 64", "default: 1000000", "default: the CPU count",
-                  "default: off", "default: 127.0.0.1", "default: text", "default: classic"):
+                  "default: off", "default: 127.0.0.1", "default: text", "default: quorum",
+                  "default: 16777216 (16 MiB)"):
         assert shown in help_text
 
 
@@ -89,6 +92,7 @@ def test_a_flag_wins_even_over_a_bad_variable():
     ("FASTFIB_LOG_FORMAT", "xml", "invalid choice"),
     ("FASTFIB_METRICS_PORT", "70000", "not a TCP port"),
     ("FASTFIB_QUEUE_TYPE", "stream", "invalid choice"),
+    ("FASTFIB_MAX_REPLY_BYTES", "0", "at least 1"),
 ])
 def test_bad_variable_is_a_config_error_naming_it(var, raw, says):
     with pytest.raises(cfg.ConfigError) as info:
@@ -109,7 +113,8 @@ def test_bad_url_in_the_environment_is_a_usage_error_without_the_password():
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--delivery-limit", "3"], "needs --queue-type quorum"),
+    (["--queue-type", "classic", "--delivery-limit", "3"], "needs --queue-type quorum"),
+    (["--no-queue-durable"], "needs --queue-type classic"),
     (["--dead-letter-routing-key", "k"], "needs --dead-letter-exchange"),
     (["--max-n", str(10**10)], "above the kernel's limit"),
 ])
@@ -119,7 +124,7 @@ def test_inconsistent_settings_are_usage_errors(argv, says):
 
 
 def test_inconsistent_settings_exit_2():
-    out = run_serve("--delivery-limit", "3")
+    out = run_serve("--queue-type", "classic", "--delivery-limit", "3")
     assert out.returncode == 2 and "needs --queue-type quorum" in out.stderr, out
 
 
@@ -127,15 +132,18 @@ def test_inconsistent_settings_exit_2():
 
 
 def test_queue_declarations():
-    assert WorkerConfig().queue_declaration() == (False, None)
-    assert WorkerConfig(queue_durable=True).queue_declaration() == (True, None)
+    assert WorkerConfig().queue_declaration() == (True, {"x-queue-type": "quorum"})  # the current tutorial's
+    assert WorkerConfig(queue_type="classic", queue_durable=False).queue_declaration() == (False, None)  # the seed's
+    assert WorkerConfig(queue_type="classic").queue_declaration() == (True, None)
     assert WorkerConfig(queue_type="quorum").queue_declaration() == (True, {"x-queue-type": "quorum"})
     assert WorkerConfig(queue_type="quorum", dead_letter_exchange="dlx", dead_letter_routing_key="dead",
                         delivery_limit=5).queue_declaration() == (True, {
                             "x-queue-type": "quorum", "x-dead-letter-exchange": "dlx",
                             "x-dead-letter-routing-key": "dead", "x-delivery-limit": 5})
-    assert WorkerConfig(dead_letter_exchange="dlx").queue_declaration() == (False, {"x-dead-letter-exchange": "dlx"})
-    assert "tutorial" in WorkerConfig().describe_queue()
+    assert WorkerConfig(queue_type="classic", queue_durable=False, dead_letter_exchange="dlx").queue_declaration() \
+        == (False, {"x-dead-letter-exchange": "dlx"})
+    assert "seed tutorial" in WorkerConfig(queue_type="classic", queue_durable=False).describe_queue()
+    assert WorkerConfig().describe_queue() == "durable quorum"
     assert WorkerConfig(queue_type="quorum", delivery_limit=5).describe_queue() == "durable quorum, x-delivery-limit=5"
 
 
@@ -150,9 +158,9 @@ def test_metrics_port_without_prometheus_client_is_a_clear_usage_error(tmp_path)
 
 
 def test_nothing_imports_prometheus_client_without_metrics():
-    code = ("import sys; from fastfib.cli import build_parser; from fastfib import config, supervisor, worker, health;"
+    code = ("import sys; from fastfib.cli import build_parser; from fastfib import config, supervisor, health; from fastfib.server import lifecycle, settings;"
             "a = build_parser().parse_args(['serve']); config.serve_settings(a, {});"
-            "w = worker.Worker(worker.WorkerConfig()); w._flush_metrics();"
+            "w = lifecycle.Worker(settings.WorkerConfig()); w._flush_metrics();"
             "print(sorted(m for m in sys.modules if m.startswith('prometheus')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                          env=clean_env())
@@ -164,7 +172,7 @@ def test_nothing_imports_prometheus_client_without_metrics():
 
 
 def _record(msg: str, *args, level=logging.WARNING, exc_info=None) -> logging.LogRecord:
-    return logging.LogRecord("fastfib.worker", level, __file__, 1, msg, args, exc_info)
+    return logging.LogRecord("fastfib.server.lifecycle", level, __file__, 1, msg, args, exc_info)
 
 
 def test_mask_secrets_in_any_text():
@@ -181,7 +189,7 @@ def test_json_formatter_fields_and_masking():
     line = fmt.format(_record("cannot connect to %s", "amqp://guest:topsecret@h:5672/%2F"))
     entry = json.loads(line)
     assert set(entry) >= {"time", "level", "logger", "message", "worker", "pid"}
-    assert entry["level"] == "WARNING" and entry["logger"] == "fastfib.worker" and entry["worker"] == 3
+    assert entry["level"] == "WARNING" and entry["logger"] == "fastfib.server.lifecycle" and entry["worker"] == 3
     assert entry["time"].endswith("Z") and "T" in entry["time"]
     assert entry["message"] == "cannot connect to amqp://guest:***@h:5672/%2F" and "topsecret" not in line
     try:

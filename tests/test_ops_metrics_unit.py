@@ -17,7 +17,9 @@ from pika.spec import BasicProperties
 
 from fastfib import metrics as fm
 from fastfib.cache import ReplyCache
-from fastfib.worker import Stats, Worker, WorkerConfig
+from fastfib.server.lifecycle import Worker
+from fastfib.server.settings import WorkerConfig
+from fastfib.server.stats import Stats
 
 
 @pytest.fixture
@@ -141,11 +143,11 @@ def test_worker_times_every_answered_request_and_only_those():
     metrics = _StubMetrics()
     worker = Worker(WorkerConfig(inline_max_n=100), compute=lambda n, fmt: str(n).encode(), metrics=metrics)
     chan = _Chan()
-    worker._channel = chan
+    worker._set_channel(chan)
 
     def deliver(tag, body, **props):
         props.setdefault("reply_to", "replies")
-        worker._on_message(chan, type("M", (), {"delivery_tag": tag})(), BasicProperties(**props), body)
+        worker.dispatcher.on_message(chan, type("M", (), {"delivery_tag": tag})(), BasicProperties(**props), body)
 
     deliver(1, b"20")  # inline: timed
     deliver(2, b"x")  # invalid_argument: timed
@@ -153,9 +155,9 @@ def test_worker_times_every_answered_request_and_only_those():
     deliver(4, b"5", headers={"x-deadline-ms": 1})  # expired: not timed
     deliver(5, b"500")  # offloaded to the compute thread: timed when its result comes back
     assert sum(metrics.durations.counts) == 2
-    job = worker._jobs.get_nowait()
+    job = worker.computer.jobs.get_nowait()
     job.body = b"500"
-    worker._on_computed(job)
+    worker.dispatcher.on_computed(job)
     assert sum(metrics.durations.counts) == 3 and len(chan.published) == 3
     assert 0 < metrics.durations.sum < 5
     worker._flush_metrics()
@@ -164,7 +166,7 @@ def test_worker_times_every_answered_request_and_only_those():
 
 def test_worker_without_metrics_times_nothing():
     worker = Worker(WorkerConfig())
-    assert worker._durations is None
+    assert worker.dispatcher.durations is None
     worker._flush_metrics()  # a no-op
 
 

@@ -10,7 +10,8 @@ import fastfib
 from fastfib import config as cfg
 from fastfib import protocol
 from fastfib.cli import build_parser
-from fastfib.worker import Worker, WorkerConfig
+from fastfib.server.lifecycle import Worker
+from fastfib.server.settings import WorkerConfig
 
 pytestmark = pytest.mark.broker
 
@@ -29,9 +30,9 @@ def test_kernel_threads_from_flag_env_and_default():
 
 def test_worker_passes_threads_to_the_kernel():
     worker = Worker(WorkerConfig(kernel_threads=2))
-    assert worker._compute.keywords == {"threads": 2}
-    assert int.from_bytes(worker._compute(10**6, "binary"), "big") == gmpy2.fib(10**6)
-    assert Worker(WorkerConfig())._compute is fastfib.fib_encoded  # threads=1: the plain call
+    assert worker.computer.compute.keywords == {"threads": 2}
+    assert int.from_bytes(worker.computer.compute(10**6, "binary"), "big") == gmpy2.fib(10**6)
+    assert Worker(WorkerConfig()).computer.compute is fastfib.fib_encoded  # threads=1: the plain call
 
 
 def test_pool_with_two_kernel_threads_answers_large_n(broker_url, queue):

@@ -17,7 +17,8 @@ import pytest
 from _server_helpers import URL, Pool, RpcClient, delete_queue
 
 from fastfib import protocol
-from fastfib.worker import Worker, WorkerConfig
+from fastfib.server.lifecycle import Worker
+from fastfib.server.settings import WorkerConfig
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 

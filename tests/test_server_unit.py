@@ -14,7 +14,11 @@ from pika.spec import BasicProperties
 import fastfib
 from fastfib import protocol
 from fastfib.cache import ENTRY_OVERHEAD, ReplyCache
-from fastfib.worker import Worker, WorkerConfig, _Job, direct_reply_to_ok, mask_url
+from fastfib.logs import mask_url
+from fastfib.server.compute import Job
+from fastfib.server.lifecycle import Worker
+from fastfib.server.reply_guard import direct_reply_to_ok
+from fastfib.server.settings import WorkerConfig
 
 # ------------------------------------------------------------------------------ cache
 
@@ -112,13 +116,13 @@ class Method:
 def make_worker(compute=None, **config) -> tuple[Worker, FakeChannel]:
     worker = Worker(WorkerConfig(**config), compute=compute)
     channel = FakeChannel()
-    worker._channel = channel
+    worker._set_channel(channel)
     return worker, channel
 
 
 def deliver(worker, channel, tag, body, reply_to="replies", cid=None, headers=None):
     props = BasicProperties(reply_to=reply_to, correlation_id=cid or f"c{tag}", headers=headers)
-    worker._on_message(channel, Method(tag), props, body)
+    worker.dispatcher.on_message(channel, Method(tag), props, body)
 
 
 def acked_tags(channel, delivered: int) -> set[int]:
@@ -140,7 +144,7 @@ def test_replies_then_one_batched_ack_per_loop_turn():
     assert [b for _, b, _ in channel.published] == [fastfib.fib_encoded(t * 10) for t in range(1, 6)]
     assert all(p.correlation_id == f"c{i + 1}" and p.content_type == "text/plain"
                for i, (_, _, p) in enumerate(channel.published))
-    worker._flush_acks()
+    worker.acks.flush()
     assert channel.acks == [(5, True)]
 
 
@@ -155,7 +159,7 @@ def test_every_error_kind_is_replied_and_acknowledged_once():
     for tag, (body, _) in enumerate(cases, 1):
         deliver(worker, channel, tag, body)
     deliver(worker, channel, len(cases) + 1, b"5", headers={"accept": "text/html"})
-    worker._flush_acks()
+    worker.acks.flush()
     kinds = [k for _, k in cases] + ["unsupported_format"]
     assert len(channel.published) == len(kinds)
     for (_, body, props), kind in zip(channel.published, kinds, strict=True):
@@ -177,7 +181,7 @@ def test_an_unexpected_exception_replies_internal_acks_and_keeps_serving():
     worker, channel = make_worker(compute=compute)
     deliver(worker, channel, 1, b"13")
     deliver(worker, channel, 2, b"12")
-    worker._flush_acks()
+    worker.acks.flush()
     (_, body1, props1), (_, body2, props2) = channel.published
     assert props1.headers == {"x-error": "internal"} and json.loads(body1)["error"] == "internal"
     assert "kernel exploded" not in body1.decode()  # details stay in the server's log
@@ -188,11 +192,11 @@ def test_an_unexpected_exception_replies_internal_acks_and_keeps_serving():
 
 def test_internal_error_on_the_compute_thread_path():
     worker, channel = make_worker(inline_max_n=0)
-    job = _Job(channel, 5, "decimal", 1, "replies", "c1")
+    job = Job(channel, 5, "decimal", 1, "replies", "c1")
     job.error = MemoryError()
-    worker._inflight.add(1)
-    worker._on_computed(job)
-    worker._flush_acks()
+    worker.acks.inflight.add(1)
+    worker.dispatcher.on_computed(job)
+    worker.acks.flush()
     assert channel.published[0][2].headers == {"x-error": "internal"}
     assert channel.acks == [(1, False)]
 
@@ -202,7 +206,7 @@ def test_unusable_reply_to_is_acked_without_reply():
     deliver(worker, channel, 1, b"10", reply_to=b"\xff\xfe-not-utf8")  # pika hands such a name over as bytes
     deliver(worker, channel, 2, b"10", reply_to="amq.rabbitmq.reply-to.Z2FyYmFnZQ==.abc")
     deliver(worker, channel, 3, b"10")
-    worker._flush_acks()
+    worker.acks.flush()
     assert [(rt, b) for rt, b, _ in channel.published] == [("replies", b"55")]
     assert channel.acks == [(3, True)] and worker.stats.no_reply_to == 2
 
@@ -213,7 +217,7 @@ def test_no_reply_to_and_past_deadline_are_acked_without_reply():
     deliver(worker, channel, 2, b"10", headers={"x-deadline-ms": 1})
     deliver(worker, channel, 3, b"garbage", headers={"x-deadline-ms": 1})  # expired: not even parsed
     deliver(worker, channel, 4, b"10", headers={"x-deadline-ms": 2**62})
-    worker._flush_acks()
+    worker.acks.flush()
     assert [b for _, b, _ in channel.published] == [b"55"]
     assert channel.acks == [(4, True)]
     assert worker.stats.no_reply_to == 1 and worker.stats.expired == 2
@@ -225,17 +229,17 @@ def test_acks_never_cover_a_request_still_being_computed():
     deliver(worker, channel, 2, b"5000")  # offloaded: in flight
     deliver(worker, channel, 3, b"6")
     deliver(worker, channel, 4, b"7")
-    worker._flush_acks()
+    worker.acks.flush()
     assert channel.acks == [(1, False), (3, False), (4, False)]
-    job = worker._jobs.get_nowait()
+    job = worker.computer.jobs.get_nowait()
     assert [w[0] for w in job.waiters] == [2]
     job.body = fastfib.fib_encoded(5000)
-    worker._on_computed(job)
+    worker.dispatcher.on_computed(job)
     deliver(worker, channel, 5, b"8")
-    worker._flush_acks()
+    worker.acks.flush()
     assert channel.acks[3:] == [(5, True)]
     assert acked_tags(channel, 5) == {1, 2, 3, 4, 5}
-    assert (5000, "decimal") in worker._cache
+    assert (5000, "decimal") in worker.cache
 
 
 def test_requests_for_an_n_being_computed_wait_for_that_computation():
@@ -243,46 +247,45 @@ def test_requests_for_an_n_being_computed_wait_for_that_computation():
     for tag in (1, 2, 3):
         deliver(worker, channel, tag, b"5000")
     deliver(worker, channel, 4, b"5000", headers={"accept": "application/octet-stream"})
-    first, second = worker._jobs.get_nowait(), worker._jobs.get_nowait()
-    assert worker._jobs.empty()
+    first, second = worker.computer.jobs.get_nowait(), worker.computer.jobs.get_nowait()
+    assert worker.computer.jobs.empty()
     assert [w[0] for w in first.waiters] == [1, 2, 3] and [w[0] for w in second.waiters] == [4]
     first.body = fastfib.fib_encoded(5000)
-    worker._on_computed(first)
-    worker._flush_acks()
+    worker.dispatcher.on_computed(first)
+    worker.acks.flush()
     assert [(p.correlation_id, b) for _, b, p in channel.published] == [(f"c{t}", first.body) for t in (1, 2, 3)]
     assert channel.acks == [] or max(t for t, _ in channel.acks) < 4
     deliver(worker, channel, 5, b"5000")  # now from the cache
-    assert worker._jobs.empty() and channel.published[-1][1] == first.body
+    assert worker.computer.jobs.empty() and channel.published[-1][1] == first.body
 
 
 def test_a_cached_large_n_is_served_without_the_compute_thread():
     worker, channel = make_worker(inline_max_n=100)
-    worker._cache.put((5000, "binary"), b"cached")
+    worker.cache.put((5000, "binary"), b"cached")
     deliver(worker, channel, 1, b"5000", headers={"accept": "application/octet-stream"})
     assert channel.published[0][1] == b"cached"
     assert channel.published[0][2].content_type == "application/octet-stream"
-    assert worker._jobs.empty() and worker.stats.cache_hits == 1
+    assert worker.computer.jobs.empty() and worker.stats.cache_hits == 1
 
 
 def test_jobs_skipped_on_stop_are_rejected_back_to_the_queue():
     worker, channel = make_worker(inline_max_n=0)
     deliver(worker, channel, 1, b"5")
-    job = worker._jobs.get_nowait()
+    job = worker.computer.jobs.get_nowait()
     job.skipped = True
-    worker._on_computed(job)
-    worker._flush_acks()
+    worker.dispatcher.on_computed(job)
+    worker.acks.flush()
     assert channel.rejects == [1] and channel.acks == [] and channel.published == []
 
 
 def test_results_for_a_closed_channel_are_dropped():
     worker, channel = make_worker(inline_max_n=0)
     deliver(worker, channel, 1, b"5")
-    job = worker._jobs.get_nowait()
+    job = worker.computer.jobs.get_nowait()
     job.body = b"5"
-    worker._channel = FakeChannel()  # reconnected meanwhile: tag 1 means nothing on the new channel
-    worker._reset_channel_state()
-    worker._on_computed(job)
-    worker._flush_acks()
+    worker._set_channel(FakeChannel())  # reconnected meanwhile: tag 1 means nothing on the new channel
+    worker.dispatcher.on_computed(job)
+    worker.acks.flush()
     assert channel.published == [] and channel.acks == []
 
 
@@ -305,13 +308,13 @@ def _pika_frames(channel_number, body_max, reply_to, content_type, correlation_i
 @pytest.mark.parametrize("size", [1, 5, 131064, 131065, 400_000])
 @pytest.mark.parametrize("fmt", ["decimal", "binary"])
 def test_reply_encoder_matches_pika_byte_for_byte(correlation_id, size, fmt):
-    from fastfib.worker import _CONTENT_TYPE_SHORTSTR, ReplyEncoder
+    from fastfib.wire import CONTENT_TYPE_SHORTSTR, ReplyEncoder
 
     body = bytes(range(256)) * (size // 256) + b"7" * (size % 256)
     encoder = ReplyEncoder(channel_number=3, body_max=131064)
     for reply_to in ["amq.rabbitmq.reply-to.g1h2AA1yZXBseUA5MjQ4ODg0AAADhAAAAABrCHgt.+QAWJ9JBGRnE0cfA3+gTxQ==",
                      "amq.gen-Xy_z", "amq.gen-Xy_z"]:  # the second time from the method frame cache
-        pieces = encoder.frames(reply_to, _CONTENT_TYPE_SHORTSTR[fmt], correlation_id, body)
+        pieces = encoder.frames(reply_to, CONTENT_TYPE_SHORTSTR[fmt], correlation_id, body)
         expected = _pika_frames(3, 131064, reply_to, protocol.CONTENT_TYPES[fmt], correlation_id, body)
         assert b"".join(bytes(p) for p in pieces) == expected
 
@@ -321,17 +324,17 @@ def test_pika_still_has_the_method_the_coalescing_connection_overrides():
 
     import pika.connection
 
-    from fastfib.worker import _CoalescingConnection
+    from fastfib.pika_seam import CoalescingConnection
 
     assert "_output_marshaled_frames" in vars(pika.connection.Connection)
     assert list(inspect.signature(pika.connection.Connection._output_marshaled_frames).parameters) == [
         "self", "marshaled_frames"]
     assert "_body_max_length" in inspect.getsource(pika.connection.Connection._on_connection_tune)
-    assert _CoalescingConnection._output_marshaled_frames is not pika.connection.Connection._output_marshaled_frames
-    # The direct send in _CoalescingConnection._flush relies on these of the plain TCP transport:
+    assert CoalescingConnection._output_marshaled_frames is not pika.connection.Connection._output_marshaled_frames
+    # The direct send in CoalescingConnection._flush relies on these of the plain TCP transport:
     from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
 
-    from fastfib.worker import _PlaintextTransport
+    from fastfib.pika_seam import _PlaintextTransport
 
     assert _PlaintextTransport is _AsyncPlaintextTransport
     assert _AsyncPlaintextTransport._STATE_ACTIVE == 1 and callable(_AsyncPlaintextTransport.get_write_buffer_size)
@@ -354,12 +357,12 @@ def _delivery_bytes(channel_number, consumer_tag, tag, props, body, frame_max=13
 
 
 class _StubConnection:
-    """The parts of a connection that _CoalescingConnection._on_data_available touches."""
+    """The parts of a connection that CoalescingConnection._on_data_available touches."""
 
     def __new__(cls):
-        from fastfib.worker import _CoalescingConnection
+        from fastfib.pika_seam import CoalescingConnection
 
-        conn = object.__new__(_CoalescingConnection)
+        conn = object.__new__(CoalescingConnection)
         conn._frame_buffer = b""
         conn.frames_received = 0
         conn.bytes_received = 0

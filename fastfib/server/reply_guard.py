@@ -51,6 +51,7 @@ import pika
 import pika.exceptions
 
 from .. import protocol
+from .closes import describe as _describe
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +142,6 @@ def needs_probe(server_properties: Mapping[str, Any] | None) -> bool:
         return False
     fixed = CRASH_FIXED_IN.get(version[:2])
     return fixed is None or version < fixed
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class ReplyToProber:
