@@ -348,6 +348,7 @@ class ReplyGuard:
 
     def _submit(self, entry: _Pending) -> None:
         self.probes += 1
+        log.debug("probing the Direct Reply-to pid of %r with the broker", entry.name[:80])
         self._prober.submit(entry.url, entry.name, self._from_prober)
 
     @property
