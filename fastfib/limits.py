@@ -98,10 +98,11 @@ def largest_n_within(limit: int, fmt: str, n_max: int) -> int:
     return lo
 
 
-def _human(size: int) -> str:
+def _bytes(size: int) -> str:
+    """``1045 bytes (1.02 KiB)``; below 1 KiB just ``900 bytes``."""
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if size >= scale:
-            return f"{size / scale:.2f} {unit}"
+            return f"{size} bytes ({size / scale:.2f} {unit})"
     return f"{size} bytes"
 
 
@@ -128,8 +129,8 @@ class ReplySizeLimit:
 
     def message(self, n: int, fmt: str, size: int) -> str:
         """The error text for a reply of ``size`` bytes (also used when the broker refused one)."""
-        text = (f"the {fmt} reply for n={n} would be {size} bytes ({_human(size)}), above the server's "
-                f"reply size limit of {self.max_reply_bytes} bytes ({_human(self.max_reply_bytes)})")
+        text = (f"the {fmt} reply for n={n} would be {_bytes(size)}, above the server's "
+                f"reply size limit of {_bytes(self.max_reply_bytes)}")
         largest = self.largest_n[fmt]
         if largest >= 0:
             text += f"; the largest n it can answer in {fmt} is {largest}"
