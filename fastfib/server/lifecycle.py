@@ -219,7 +219,7 @@ class Worker:
         close = classify(getattr(reason, "reply_code", None), getattr(reason, "reply_text", None),
                          "serving" if was_consuming else self._doing)
         if close.cause is Cause.DECLARATION_REFUSED:
-            self._fatal(f"the broker at {url} refused to declare queue {self.config.queue!r} "
+            self._fatal(f"the broker at {url} refused to declare queue {self.config.queue!r} as "
                         f"{self.config.describe_queue()}: {describe(reason)}. Declare it with another "
                         "--queue-type / --queue-durable, or create the queue beforehand", EXIT_CONFIG)
             return
@@ -330,7 +330,8 @@ class Worker:
             self._fatal(f"permission refused by the broker at {self._masked[self._url_index]}: {describe(reason)}")
             return
         if cause is Cause.DECLARATION_REFUSED:
-            self._fatal(f"the broker refused to declare queue {self.config.queue!r} {self.config.describe_queue()}: "
+            self._fatal(f"the broker refused to declare queue {self.config.queue!r} as "
+                        f"{self.config.describe_queue()}: "
                         f"{describe(reason)}", EXIT_CONFIG)
             return
         if cause is Cause.QUEUE_ATTRIBUTES:
