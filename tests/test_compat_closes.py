@@ -70,6 +70,20 @@ def test_backoff_grows_for_one_cause_and_restarts_for_another():
     assert b.next_delay(Cause.RESOURCE_LIMIT) == 0.5
 
 
+def test_backoff_keeps_growing_when_each_connection_fails_soon_after_consuming():
+    now = [0.0]
+    b = Backoff(base=0.5, cap=60.0, healthy_after=30.0, jitter=lambda: 1.0, clock=lambda: now[0])
+    delays = []
+    for _ in range(4):  # consuming, then lost 1 s later for the same reason (e.g. a 541 loop)
+        b.healthy()
+        now[0] += 1.0
+        delays.append(b.next_delay(Cause.REPLY_TO_CRASH))
+    assert delays == [0.5, 1.0, 2.0, 4.0]
+    b.healthy()
+    now[0] += 31.0  # a long healthy stretch: the next loss starts over
+    assert b.next_delay(Cause.REPLY_TO_CRASH) == 0.5
+
+
 def test_backoff_fails_over_at_once_within_a_round_of_urls():
     b = Backoff(base=1.0, cap=60.0, jitter=lambda: 1.0)
     assert [b.next_delay("lost", urls=3) for _ in range(9)] == [0.0, 0.0, 1.0, 0.0, 0.0, 2.0, 0.0, 0.0, 4.0]

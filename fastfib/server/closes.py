@@ -27,7 +27,7 @@ OTHER                anything else                               reconnect with 
 
 :class:`Backoff` is the reconnection delay policy: it grows across repeated
 failures of the same cause and starts over when the cause changes or the
-worker consumes again. :class:`RefusalMemory` remembers refused replies.
+worker consumed for a while (30 s) before failing. :class:`RefusalMemory` remembers refused replies.
 :func:`describe` gives a one-line account of a pika error and
 :func:`fatal_reason` says why a failed connection attempt is not worth retrying.
 """
@@ -37,6 +37,7 @@ from __future__ import annotations
 import enum
 import random
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -124,20 +125,30 @@ class Backoff:
     The k-th consecutive failure of one cause waits ``min(cap, base * 2**(k-1))``
     times a jitter factor in [0.5, 1). With several URLs, failing over to the
     next node is immediate until every node was tried once in the round. A
-    different cause starts the count over; :meth:`reset` (the worker consumes
-    again) clears it.
+    different cause starts the count over, and so does a failure that comes
+    more than ``healthy_after`` seconds after :meth:`healthy` (the worker was
+    consuming): a connection that is lost again and again soon after
+    consuming, for the same reason, waits longer each time.
     """
 
-    def __init__(self, base: float = 0.5, cap: float = 30.0, *,
-                 jitter: Callable[[], float] = lambda: random.uniform(0.5, 1.0)) -> None:
-        self.base, self.cap = base, cap
+    def __init__(self, base: float = 0.5, cap: float = 30.0, *, healthy_after: float = 30.0,
+                 jitter: Callable[[], float] = lambda: random.uniform(0.5, 1.0),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.base, self.cap, self.healthy_after = base, cap, healthy_after
         self._jitter = jitter
+        self._clock = clock
         self._cause: Cause | str | None = None
+        self._healthy_since: float | None = None
         self.failures = 0
+
+    def healthy(self) -> None:
+        """The worker is consuming again."""
+        self._healthy_since = self._clock()
 
     def next_delay(self, cause: Cause | str, urls: int = 1) -> float:
         """Record one failure of ``cause``; the delay before the next attempt."""
-        if cause != self._cause:
+        since, self._healthy_since = self._healthy_since, None
+        if cause != self._cause or (since is not None and self._clock() - since > self.healthy_after):
             self._cause, self.failures = cause, 0
         self.failures += 1
         if urls > 1 and self.failures % urls != 0:
@@ -146,7 +157,7 @@ class Backoff:
         return min(self.cap, self.base * 2 ** min(rounds, 16)) * self._jitter()
 
     def reset(self) -> None:
-        self._cause, self.failures = None, 0
+        self._cause, self._healthy_since, self.failures = None, None, 0
 
 
 class RefusalMemory:

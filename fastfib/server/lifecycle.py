@@ -295,7 +295,7 @@ class Worker:
 
     def _on_consume_ok(self, frame) -> None:
         self._doing = "serving"
-        self._backoff.reset()
+        self._backoff.healthy()
         log.info("consuming from queue %r on %s (prefetch %d)", self.config.queue,
                  self._masked[self._url_index], self.config.prefetch)
         self._on_event("consuming", self._masked[self._url_index])
