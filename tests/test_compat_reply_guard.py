@@ -100,10 +100,18 @@ def test_a_flood_of_names_with_one_pid_costs_one_probe():
     # Later names with the same pid and other keys are known: no probe, no hold.
     assert all(guard.verdict(_name(pid)) is True for _ in range(1000))
     assert guard.probes == 1
+    assert guard.verdict(names[0]) is True
+    guard.forget()  # a 541 on the worker's connection: every name is vetted again
+    assert guard.verdict(names[0]) is None
+    prober.submitted.clear()
+    guard.hold(names[0], "again", lambda item, ok: resumed.append((item, ok)), "amqp://x")
+    prober.submitted[0][2](names[0], True)
+    assert resumed[-1] == ("again", True)
     # A refused pid: every name with it is dropped, whatever its key.
     other = _name(_pid_term(b"reply@999"))
+    prober.submitted.clear()
     guard.hold(other, "x", lambda item, ok: resumed.append((item, ok)), "amqp://x")
-    prober.submitted[-1][2](other, False)
+    prober.submitted[0][2](other, False)
     assert resumed[-1] == ("x", False) and guard.verdict(_name(_pid_term(b"reply@999"))) is False
 
 

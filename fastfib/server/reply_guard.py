@@ -298,6 +298,7 @@ class ReplyGuard:
         #: Probe the names? Until the broker's version is known: yes.
         self.probing = True
         self._verdicts: dict[str, bool] = {}  # pid -> safe to reply to
+        self._names: set[str] = set()  # names already allowed: the hot path is one set lookup
         self._pending: dict[str, _Pending] = {}  # pid -> its probe and the requests held for it
         #: What a request gets when its name could not be vetted: replied to, until a 541 was seen.
         self._unvetted_ok = True
@@ -310,6 +311,8 @@ class ReplyGuard:
     def on_connected(self, server_properties: Mapping[str, Any] | None) -> None:
         """Read the broker's version from a new connection's server properties; probe only if it needs it."""
         probing = needs_probe(server_properties)
+        if probing and not self.probing:
+            self._names.clear()  # allowed without a probe on the previous broker
         if probing != self.probing:
             version = broker_version(server_properties)
             shown = ".".join(map(str, version)) if version else "unknown"
@@ -319,6 +322,8 @@ class ReplyGuard:
 
     def verdict(self, reply_to: Any) -> bool | None:
         """True: reply to it; False: drop the request (logged by the caller); None: :meth:`hold` it."""
+        if reply_to in self._names:
+            return True
         if type(reply_to) is not str:  # not UTF-8: pika hands it over as bytes
             return False
         if not reply_to.startswith(PREFIX):
@@ -330,6 +335,9 @@ class ReplyGuard:
         if not direct_reply_to_ok(reply_to):  # checked per name: the key is part of the shape
             return False
         if known or not self.probing:
+            if len(self._names) >= MAX_VERDICTS:
+                self._names.clear()
+            self._names.add(reply_to)
             return True
         return None
 
@@ -379,6 +387,7 @@ class ReplyGuard:
     def forget(self) -> None:
         """After a 541 close: vet every name again, and drop requests whose names cannot be vetted."""
         self._verdicts.clear()
+        self._names.clear()
         self._unvetted_ok = False
 
     def stop(self) -> None:
