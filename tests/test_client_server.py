@@ -76,8 +76,15 @@ def test_asyncio_1000_concurrent(broker_url, served_queue):
 
 @pytest.mark.parametrize("fmt", ["binary", "decimal"])
 def test_side_by_side_with_the_tutorial_server(broker_url, served_queue, fmt):
-    """A tutorial server and fastfib serve on one queue: each reply is decoded by its own content type."""
-    with FixtureServer(served_queue, naive_handler) as tutorial:
+    """A tutorial server and fastfib serve on one queue: each reply is decoded by its own content type.
+
+    The tutorial server declares the queue as the current tutorial's rpc_server.py does (durable, quorum:
+    the same as fastfib's default, issue 14); the seed tutorial's transient declaration would get 406 here.
+    """
+    conn = pika.BlockingConnection(pika.URLParameters(broker_url))
+    conn.channel().queue_declare(queue=served_queue, durable=True, arguments={"x-queue-type": "quorum"})
+    conn.close()
+    with FixtureServer(served_queue, naive_handler, declare=False) as tutorial:
         with FibonacciRpcClient(broker_url, served_queue, format=fmt) as client:
             assert client.call_many(range(400), window=32) == [fib(n) for n in range(400)]
     assert tutorial.requests  # both servers took part
