@@ -28,8 +28,9 @@ def test_environment_configures_the_pool_flags_win_and_logs_are_json(queue):
             consumers = [line.split("\t") for line in rabbitmqctl("list_consumers", "queue_name",
                                                                    "prefetch_count").splitlines()]
             assert sorted(p for q, p in consumers if q == queue) == ["7", "7"]  # env prefetch, 2 workers (flag)
-            # The default queue is the tutorial's: non-durable, classic, no arguments.
-            assert queue_row(queue)[1:] == ["false", "classic", "[]"]
+            # The default queue is the current tutorial's (issue 14): durable, quorum.
+            row = queue_row(queue)
+            assert row[1:3] == ["true", "quorum"] and '"x-queue-type","quorum"' in row[3], row
             pool.signal(signal.SIGTERM)
             assert pool.wait(60) == 0
         text = pool.text()
