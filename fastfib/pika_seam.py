@@ -15,7 +15,7 @@ import pika
 import pika.exceptions
 import pika.frame
 
-from .wire import INCOMPLETE, parse_delivery
+from .wire import INCOMPLETE, decode_delivery
 
 try:  # for the direct send of CoalescingConnection._flush (plain TCP only; TLS goes through pika)
     from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PlaintextTransport
@@ -25,6 +25,9 @@ except ImportError:  # pragma: no cover - another pika layout: pika's own writes
 
 _UNPACK_FRAME_HEADER = struct.Struct(">BHI").unpack_from
 _BASIC_DELIVER = b"\x00\x3c\x00\x3c"  # class 60 (basic), method 60 (deliver)
+#: Deliveries with a larger body are left to pika (a valid request is at most 64 bytes): a large one
+#: arriving over many reads would be decoded again from its start at each read.
+_FAST_BODY_MAX = 65536
 
 
 class CoalescingConnection(pika.SelectConnection):
@@ -53,7 +56,8 @@ class CoalescingConnection(pika.SelectConnection):
 
     def set_fast_deliveries(self, channel_number: int, consumer_tag: str, handler: Callable) -> None:
         """Decode the deliveries to ``consumer_tag`` on ``channel_number`` here and call
-        ``handler(delivery_tag, properties, body)``, bypassing pika's generic frame machinery
+        ``handler(delivery)`` (a :class:`fastfib.wire.Delivery`, or a :class:`fastfib.wire.BadDelivery`
+        to settle), bypassing pika's generic frame machinery
         (which costs more than everything else a small request needs). Everything else,
         and any delivery this decoder does not take, goes through pika as usual."""
         self._fast = (channel_number, consumer_tag.encode("utf-8"), handler)
@@ -78,16 +82,15 @@ class CoalescingConnection(pika.SelectConnection):
             if end >= n:
                 break
             if ftype == 1 and channel_number == fast[0] and buf[pos + 7:pos + 11] == _BASIC_DELIVER:
-                parsed = parse_delivery(buf, pos, channel_number, fast[1])
-                if parsed is INCOMPLETE:
+                delivery = decode_delivery(buf, pos, channel_number, fast[1], max_body=_FAST_BODY_MAX)
+                if delivery is INCOMPLETE:
                     break
-                if parsed is not None:
-                    delivery_tag, props, body, next_pos, frames = parsed
+                if delivery is not None:
                     # pika counts both; its heartbeat checker takes received bytes as a sign of life.
-                    self.bytes_received += next_pos - pos
-                    self.frames_received += frames
-                    pos = next_pos
-                    fast[2](delivery_tag, props, body)
+                    self.bytes_received += delivery.end - pos
+                    self.frames_received += delivery.frames
+                    pos = delivery.end
+                    fast[2](delivery)
                     continue
             if buf[end] != 0xCE:  # let pika's decoder raise its error on it
                 super()._on_data_available(buf[pos:])

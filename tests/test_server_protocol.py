@@ -239,3 +239,36 @@ def test_internal_error_reply_from_a_failing_kernel(broker_url):
         thread.join(15)
         delete_queue(queue)
     assert not thread.is_alive() and worker.exit_code == 0
+
+
+def _nested(depth: int) -> dict:
+    headers: dict = {}
+    inner = headers
+    for _ in range(depth):
+        inner["a"] = {}
+        inner = inner["a"]
+    return headers
+
+
+def test_an_undecodable_request_gets_an_error_reply_and_is_not_redelivered(pool, direct):
+    """Headers nested too deeply for any decoder (RecursionError in the worker): the request is
+    answered invalid_argument and rejected without requeue; the workers keep their connections."""
+    import sys
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(50_000)  # pika's encoder recurses too
+    try:
+        cid = direct.publish(b"10", headers=_nested(3000))
+    finally:
+        sys.setrecursionlimit(limit)
+    assert direct.call(b"11")[1] == b"89"
+    deadline = time.monotonic() + 10
+    while not direct.replies.get(cid) and time.monotonic() < deadline:
+        direct.connection.process_data_events(time_limit=0.05)
+    (props, reply), = direct.replies[cid]
+    assert props.headers == {"x-error": "invalid_argument"}
+    assert "cannot be decoded" in json.loads(reply)["message"]
+    pool.wait_for("undecodable request", timeout=10)
+    direct.drain(0.5)
+    assert len(direct.replies[cid]) == 1  # not redelivered
+    assert "lost" not in pool.text() and "reconnecting" not in pool.text()

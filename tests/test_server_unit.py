@@ -103,8 +103,7 @@ class FakeChannel:
         self.acks.append((delivery_tag, multiple))
 
     def basic_reject(self, delivery_tag, requeue=True):
-        assert requeue
-        self.rejects.append(delivery_tag)
+        self.rejects.append((delivery_tag, requeue))
 
 
 class Method:
@@ -275,7 +274,7 @@ def test_jobs_skipped_on_stop_are_rejected_back_to_the_queue():
     job.skipped = True
     worker.dispatcher.on_computed(job)
     worker.acks.flush()
-    assert channel.rejects == [1] and channel.acks == [] and channel.published == []
+    assert channel.rejects == [(1, True)] and channel.acks == [] and channel.published == []
 
 
 def test_results_for_a_closed_channel_are_dropped():
@@ -305,7 +304,7 @@ def _pika_frames(channel_number, body_max, reply_to, content_type, correlation_i
 
 
 @pytest.mark.parametrize("correlation_id", [None, "", "abc", "x" * 255, "ünïcödé", b"\xff\xfe"])
-@pytest.mark.parametrize("size", [1, 5, 131064, 131065, 400_000])
+@pytest.mark.parametrize("size", [0, 1, 5, 131064, 131065, 400_000])
 @pytest.mark.parametrize("fmt", ["decimal", "binary"])
 def test_reply_encoder_matches_pika_byte_for_byte(correlation_id, size, fmt):
     from fastfib.wire import CONTENT_TYPE_SHORTSTR, ReplyEncoder
@@ -396,7 +395,8 @@ def test_fast_decoder_agrees_with_pika_at_every_split(props, body):
         splits = range(1, len(data))
     for split in splits:
         conn = _StubConnection()
-        conn.set_fast_deliveries(1, "ctag", lambda tag, p, b, conn=conn: conn.fast_calls.append((tag, p, b)))
+        conn.set_fast_deliveries(1, "ctag", lambda d, conn=conn: conn.fast_calls.append((d.delivery_tag, d.properties,
+                                                                                          d.body)))
         conn._on_data_available(data[:split])
         conn._on_data_available(data[split:])
         assert conn.bytes_received == len(data)  # the heartbeat checker reads it
@@ -422,7 +422,7 @@ def test_fast_decoder_leaves_other_consumers_channels_and_frames_to_pika():
             + frame.Method(1, spec.Basic.CancelOk(consumer_tag="x")).marshal()
             + _delivery_bytes(1, "ctag", 3, props, b"7"))
     conn = _StubConnection()
-    conn.set_fast_deliveries(1, "ctag", lambda *a: conn.fast_calls.append(a))
+    conn.set_fast_deliveries(1, "ctag", lambda d: conn.fast_calls.append((d.delivery_tag, d.properties, d.body)))
     conn._on_data_available(data)
     assert [(t, b) for t, _, b in conn.fast_calls] == [(3, b"7")]
     kinds = [type(f).__name__ for f in conn.pika_frames]
@@ -437,9 +437,57 @@ def test_fast_decoder_hands_a_corrupt_stream_to_pika():
     import pika.exceptions
 
     conn = _StubConnection()
-    conn.set_fast_deliveries(1, "ctag", lambda *a: conn.fast_calls.append(a))
+    conn.set_fast_deliveries(1, "ctag", conn.fast_calls.append)
     bad = bytearray(_delivery_bytes(1, "ctag", 1, BasicProperties(reply_to="q"), b"5"))
     bad[-1] = 0x00  # the body frame's frame-end octet
     with pytest.raises(pika.exceptions.InvalidFrameError):
         conn._on_data_available(bytes(bad))
     assert conn.fast_calls == []
+
+
+def _nested_headers(depth: int) -> bytes:
+    inner = struct.pack(">I", 0)
+    for _ in range(depth):
+        entry = b"\x01aF" + inner
+        inner = struct.pack(">I", len(entry)) + entry
+    return inner
+
+
+def _undecodable_delivery(tag: int, reply_to: bytes | None, cid: bytes = b"bad") -> bytes:
+    """A delivery whose headers are nested too deeply for any decoder; its frames are whole."""
+    from pika import frame, spec
+
+    flags = 0x2000 | 0x0400 | (0x0200 if reply_to is not None else 0)
+    props = _nested_headers(3000) + bytes((len(cid),)) + cid
+    if reply_to is not None:
+        props += bytes((len(reply_to),)) + reply_to
+    payload = struct.pack(">HxxQH", 60, 2, flags) + props
+    return (frame.Method(1, spec.Basic.Deliver(consumer_tag="ctag", delivery_tag=tag, exchange="",
+                                               routing_key="rpc_queue")).marshal()
+            + struct.pack(">BHI", 2, 1, len(payload)) + payload + b"\xce" + frame.Body(1, b"20").marshal())
+
+
+def test_an_undecodable_delivery_is_settled_and_never_raised_into_the_transport():
+    worker, channel = make_worker()
+    conn = _StubConnection()
+    conn.set_fast_deliveries(1, "ctag", worker.dispatcher.on_fast_delivery)
+    good = _delivery_bytes(1, "ctag", 3, BasicProperties(reply_to="replies", correlation_id="ok"), b"10")
+    conn._on_data_available(_undecodable_delivery(1, b"replies") + _undecodable_delivery(2, None) + good)
+    worker.acks.flush()
+    (rt, body, props), (_, body2, props2) = channel.published
+    assert rt == "replies" and props.correlation_id == "bad" and props.headers == {"x-error": "invalid_argument"}
+    assert "cannot be decoded" in json.loads(body)["message"]
+    assert body2 == b"55" and props2.correlation_id == "ok"
+    assert channel.rejects == [(1, False), (2, False)]  # rejected, not requeued
+    assert channel.acks == [(3, False)]
+    assert worker.stats.undecodable == 2 and worker.stats.errors["invalid_argument"] == 1
+    assert conn.pika_frames == [] and conn._frame_buffer == b""
+
+
+def test_the_redelivered_flag_is_kept():
+    worker, channel = make_worker()
+    conn = _StubConnection()
+    conn.set_fast_deliveries(1, "ctag", worker.dispatcher.on_fast_delivery)
+    props = BasicProperties(reply_to="replies", correlation_id="c")
+    conn._on_data_available(b"".join(_delivery_bytes(1, "ctag", tag, props, b"5") for tag in (1, 2, 3, 4)))
+    assert worker.stats.redelivered == 2 and worker.stats.replied == 4  # _delivery_bytes: even tags redelivered

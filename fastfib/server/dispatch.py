@@ -33,7 +33,7 @@ from pika.spec import BasicProperties
 from .. import protocol
 from ..cache import ReplyCache
 from ..errors import RemoteError
-from ..wire import CONTENT_TYPE_SHORTSTR, ReplyEncoder
+from ..wire import CONTENT_TYPE_SHORTSTR, BadDelivery, Delivery, ReplyEncoder, frame_count
 from .acks import AckBatcher
 from .compute import ComputeThread, Job
 from .reply_guard import ReplyToProber, direct_reply_to_ok
@@ -103,6 +103,7 @@ class Dispatcher:
         self._log_no_reply_to = RateLimitedLog(log, logging.WARNING)
         self._log_bad_reply_to = RateLimitedLog(log, logging.WARNING)
         self._log_internal = RateLimitedLog(log, logging.ERROR, interval=1.0)
+        self._log_undecodable = RateLimitedLog(log, logging.WARNING)
 
     def bind(self, channel, encoder: ReplyEncoder | None = None,
              write_frames: Callable[[list, int], None] | None = None) -> None:
@@ -125,13 +126,43 @@ class Dispatcher:
 
     def on_message(self, channel, method, props: BasicProperties, body: bytes) -> None:
         """pika's delivery callback (deliveries the fast path left to pika)."""
+        if method.redelivered:
+            self.stats.redelivered += 1
         self.handle(channel, method.delivery_tag, props, body)
 
-    def on_fast_delivery(self, tag: int, props, body: bytes) -> None:
-        """A delivery decoded by the connection itself (:mod:`fastfib.pika_seam`)."""
+    def on_fast_delivery(self, delivery: Delivery | BadDelivery) -> None:
+        """A delivery decoded by the connection itself (:mod:`fastfib.pika_seam`, :mod:`fastfib.wire`)."""
         channel = self.channel
-        if channel is not None and channel.is_open:
-            self.handle(channel, tag, props, body)
+        if channel is None or not channel.is_open:
+            return
+        if delivery.redelivered:
+            self.stats.redelivered += 1
+        if type(delivery) is BadDelivery:
+            self.stats.received += 1
+            self.settle_undecodable(channel, delivery)
+        else:
+            self.handle(channel, delivery.delivery_tag, delivery.properties, delivery.body)
+
+    def settle_undecodable(self, channel, bad: BadDelivery) -> None:
+        """A delivery whose properties do not decode: an ``invalid_argument`` reply when its ``reply_to``
+        could be read (and is safe to reply to), then rejected without requeue (dead-lettered, if the
+        queue says so): redelivering it would fail the same way. Never raises."""
+        try:
+            reply_to = bad.reply_to
+            if (type(reply_to) is str and reply_to.startswith(_DIRECT_REPLY_PREFIX)
+                    and self._reply_to_ok.get(reply_to) is not True and self._defer_to_probe(channel, bad, reply_to)):
+                return  # settled once the broker has vetted the name (_on_reply_to_probed)
+            self.stats.undecodable += 1
+            self._log_undecodable("undecodable request (correlation_id %r, reply_to %r): %s: %s; rejected "
+                                  "without requeue", bad.correlation_id, reply_to,
+                                  type(bad.error).__name__, str(bad.error)[:200])
+            if type(reply_to) is str and reply_to and (not reply_to.startswith(_DIRECT_REPLY_PREFIX)
+                                                       or self._reply_to_ok.get(reply_to) is True):
+                self._reply_error(channel, reply_to, bad.correlation_id, protocol.KIND_INVALID_ARGUMENT,
+                                  f"the request's properties cannot be decoded ({type(bad.error).__name__})")
+            channel.basic_reject(bad.delivery_tag, requeue=False)
+        except Exception:  # the channel is gone (the broker redelivers it), or a bug: never into the transport
+            self._log_internal("cannot settle the undecodable request %d", bad.delivery_tag, exc_info=True)
 
     def handle(self, channel, tag: int, props, body: bytes) -> None:
         """Serve one request (``props``: reply_to, correlation_id, headers) delivered on ``channel``."""
@@ -148,7 +179,7 @@ class Dispatcher:
                 return
             if type(reply_to) is not str or (reply_to.startswith(_DIRECT_REPLY_PREFIX)
                                              and self._reply_to_ok.get(reply_to) is not True):
-                if type(reply_to) is str and self._defer_to_probe(channel, tag, props, body):
+                if type(reply_to) is str and self._defer_to_probe(channel, (tag, props, body), reply_to):
                     return  # handled again once the broker has vetted the name (_on_reply_to_probed)
                 # Not UTF-8 (pika hands it over as bytes), or a Direct Reply-to name that is
                 # malformed or that the broker cannot take (it would close our connection).
@@ -199,14 +230,14 @@ class Dispatcher:
 
     # ------------------------------------------------------------ the reply guard
 
-    def _defer_to_probe(self, channel, tag: int, props, body: bytes) -> bool:
-        """Hold a request whose Direct Reply-to name is not vetted yet until the broker has vetted it.
+    def _defer_to_probe(self, channel, held: tuple | BadDelivery, reply_to: str) -> bool:
+        """Hold a request (``(tag, props, body)``, or an undecodable one) whose Direct Reply-to name is
+        not vetted yet until the broker has vetted it.
 
         Returns False when the name is known to be unusable (malformed, or refused
         by the broker): the caller drops the request. Held requests count as in
         flight, so that no multiple ack covers them and a graceful stop waits for them.
         """
-        reply_to = props.reply_to
         if self._reply_to_ok.get(reply_to) is False:
             return False
         if not direct_reply_to_ok(reply_to):
@@ -218,8 +249,8 @@ class Dispatcher:
             post = self._post
             self._prober.submit(self._current_url(), reply_to,
                                 lambda name, ok: post(functools.partial(self._on_reply_to_probed, name, ok)))
-        waiting.append((channel, tag, props, body))
-        self._acks.inflight.add(tag)
+        waiting.append((channel, held))
+        self._acks.inflight.add(held.delivery_tag if type(held) is BadDelivery else held[0])
         return True
 
     def _vetted(self, reply_to: str, ok: bool) -> None:
@@ -235,8 +266,13 @@ class Dispatcher:
             self._log_probe("the broker cannot deliver to the Direct Reply-to name %r (unknown node or pid); "
                             "its requests are dropped", reply_to[:80])
         self._vetted(reply_to, ok is not False)
-        for channel, tag, props, body in self._probing.pop(reply_to, ()):
+        for channel, held in self._probing.pop(reply_to, ()):
             if channel is self.channel and channel.is_open:  # else redelivered on the new channel
+                if type(held) is BadDelivery:
+                    self._acks.inflight.discard(held.delivery_tag)
+                    self.settle_undecodable(channel, held)
+                    continue
+                tag, props, body = held
                 self._acks.inflight.discard(tag)
                 self.stats.received -= 1  # counted when it arrived
                 self.handle(channel, tag, props, body)
@@ -249,7 +285,7 @@ class Dispatcher:
         encoder = self._encoder
         if encoder is not None and channel is self.channel:
             pieces = encoder.frames(reply_to, CONTENT_TYPE_SHORTSTR[fmt], correlation_id, payload)
-            self._write_frames(pieces, 2 + (len(pieces) - 2) // 3)
+            self._write_frames(pieces, frame_count(pieces))
         else:
             props = BasicProperties(content_type=protocol.CONTENT_TYPES[fmt], correlation_id=correlation_id)
             channel.basic_publish("", reply_to, payload, props)
