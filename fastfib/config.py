@@ -23,7 +23,7 @@ from typing import Any
 from .cache import DEFAULT_CACHE_BYTES
 from .logs import LOG_FORMATS, LOG_LEVELS, mask_url
 from .protocol import DEFAULT_MAX_N, DEFAULT_QUEUE, DEFAULT_URL
-from .server.settings import DEFAULT_INLINE_MAX_N, DEFAULT_PREFETCH, QUEUE_TYPES, WorkerConfig
+from .server.settings import DEFAULT_INLINE_MAX_N, DEFAULT_PREFETCH, QUEUE_TYPES, WIRES, WorkerConfig
 
 DEFAULT_METRICS_HOST = "127.0.0.1"
 
@@ -157,6 +157,10 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--dead-letter-routing-key", "FASTFIB_DEAD_LETTER_ROUTING_KEY", non_empty, None, metavar="KEY",
            help="routing key for dead-lettered requests (x-dead-letter-routing-key)",
            shown_default="the request's own"),
+    Option("--wire", "FASTFIB_WIRE", choice(*WIRES), "fast", metavar="{" + ",".join(WIRES) + "}",
+           help="fast: the worker decodes its deliveries and encodes its replies itself (falls back to pika, "
+                "with a warning, if the installed pika fails the startup self-check); pika: pika's public API "
+                "only (docs/server.md)"),
     Option("--delivery-limit", "FASTFIB_DELIVERY_LIMIT", positive_int, None, metavar="N",
            help="quorum queues: a request returned to the queue more than N times is dead-lettered (or "
                 "dropped without a dead-letter exchange)", shown_default="none"),
@@ -258,6 +262,7 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
         dead_letter_routing_key=v["dead_letter_routing_key"],
         delivery_limit=v["delivery_limit"],
         metrics=v["metrics_port"] is not None,
+        wire=v["wire"],
     )
     return ServeSettings(worker=worker, workers=v["workers"], metrics_port=v["metrics_port"],
                          metrics_host=v["metrics_host"])

@@ -21,6 +21,10 @@ DEFAULT_INLINE_MAX_N = 20_000
 #: Default prefetch (basic.qos prefetch_count) per worker.
 DEFAULT_PREFETCH = 64
 
+#: ``--wire`` values: ``fast`` decodes deliveries and encodes replies itself (fastfib.wire, through
+#: fastfib.pika_seam); ``pika`` uses pika's public API only.
+WIRES = ("fast", "pika")
+
 #: ``--queue-type`` values; classic is the tutorial's.
 QUEUE_TYPES = ("classic", "quorum")
 
@@ -56,6 +60,8 @@ class WorkerConfig:
     delivery_limit: int | None = None
     #: Export the worker's counters to prometheus_client's multiprocess files (fastfib.metrics).
     metrics: bool = False
+    #: How the worker speaks AMQP on its hot path (WIRES).
+    wire: str = "fast"
 
     def queue_declaration(self) -> tuple[bool, dict[str, Any] | None]:
         """``(durable, arguments)`` for ``queue_declare``; ``(False, None)`` is exactly the tutorial's."""
