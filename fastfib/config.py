@@ -23,7 +23,16 @@ from typing import Any
 from .cache import DEFAULT_CACHE_BYTES
 from .logs import LOG_FORMATS, LOG_LEVELS, mask_url
 from .protocol import DEFAULT_MAX_N, DEFAULT_QUEUE, DEFAULT_URL
-from .server.settings import DEFAULT_INLINE_MAX_N, DEFAULT_PREFETCH, QUEUE_TYPES, WIRES, WorkerConfig
+from .server.settings import (
+    DEFAULT_INLINE_MAX_N,
+    DEFAULT_PREFETCH,
+    MAX_INLINE_MAX_N,
+    MAX_PREFETCH,
+    MAX_SERVED_N,
+    QUEUE_TYPES,
+    WIRES,
+    WorkerConfig,
+)
 
 DEFAULT_METRICS_HOST = "127.0.0.1"
 
@@ -235,6 +244,14 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
     v = resolve(args, environ)
     if v["max_n"] > MAX_N:
         raise ConfigError(f"--max-n {v['max_n']} is above the kernel's limit {MAX_N}")
+    if v["max_n"] > MAX_SERVED_N:
+        raise ConfigError(f"--max-n {v['max_n']} is above {MAX_SERVED_N}, the largest n whose decimal reply fits "
+                          "RabbitMQ's default message size limit (128 MiB)")
+    if v["prefetch"] > MAX_PREFETCH:
+        raise ConfigError(f"--prefetch {v['prefetch']} is above {MAX_PREFETCH}, the most basic.qos can carry")
+    if v["inline_max_n"] > MAX_INLINE_MAX_N:
+        raise ConfigError(f"--inline-max-n {v['inline_max_n']} is above {MAX_INLINE_MAX_N}: n that large would "
+                          "block the worker's I/O thread (no other request, no heartbeat) for too long")
     if v["delivery_limit"] is not None and v["queue_type"] != "quorum":
         raise ConfigError("--delivery-limit (FASTFIB_DELIVERY_LIMIT) needs --queue-type quorum")
     if v["dead_letter_routing_key"] is not None and v["dead_letter_exchange"] is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import time
 
 import pytest
 from pika.spec import BasicProperties
@@ -286,6 +287,37 @@ def test_results_for_a_closed_channel_are_dropped():
     worker.dispatcher.on_computed(job)
     worker.acks.flush()
     assert channel.published == [] and channel.acks == []
+    assert worker.cache.get((5, "decimal")) == b"5"  # cached all the same: its redelivery costs a lookup
+
+
+def test_the_compute_thread_drops_a_job_whose_deadline_passed_in_the_queue():
+    computed = []
+
+    def compute(n, fmt):
+        computed.append(n)
+        return fastfib.fib_encoded(n, fmt)
+
+    worker, channel = make_worker(compute=compute, inline_max_n=100)
+    soon = int(time.time() * 1000) + 30  # not passed when the requests arrive
+    deliver(worker, channel, 1, b"5000", headers={"x-deadline-ms": soon})
+    deliver(worker, channel, 2, b"5000", headers={"x-deadline-ms": soon + 1})  # joins the same job
+    deliver(worker, channel, 3, b"6000", headers={"x-deadline-ms": soon})
+    deliver(worker, channel, 4, b"6000")  # no deadline: the job must be computed for it
+    assert worker.stats.expired == 0 and worker.stats.offloaded == 2
+    while time.time() * 1000 <= soon + 1:  # a backlog: the deadlines pass while the jobs wait
+        time.sleep(0.01)
+    worker.computer.start(worker.dispatcher.on_computed)
+    deadline = time.monotonic() + 10
+    while len(channel.published) + worker.stats.expired < 4 and time.monotonic() < deadline:
+        worker._ioloop.process_timeouts()  # the results come back through the I/O loop
+        time.sleep(0.005)
+    worker.computer.stop()
+    worker.acks.flush()
+    assert computed == [6000]
+    assert worker.stats.expired == 2
+    assert [(p.correlation_id, b) for _, b, p in channel.published] == [(c, fastfib.fib_encoded(6000))
+                                                                         for c in ("c3", "c4")]
+    assert acked_tags(channel, 4) == {1, 2, 3, 4}
 
 
 # ------------------------------------------------------------- the reply frames, hand-encoded

@@ -50,6 +50,17 @@ _DIRECT_REPLY_PREFIX = protocol.DIRECT_REPLY_TO + "."
 _ERROR_HEADERS = {kind: {protocol.HEADER_ERROR: kind} for kind in protocol.ERROR_KINDS}
 
 
+def _deadline_ms(headers) -> int | None:
+    """The request's x-deadline-ms (Unix ms) as :func:`fastfib.protocol.deadline_passed` reads it, or None."""
+    deadline = headers.get(protocol.HEADER_DEADLINE) if headers else None
+    if deadline is None or isinstance(deadline, bool):
+        return None
+    try:
+        return int(deadline)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 class Dispatcher:
     """Handles the deliveries of the worker's current channel (:meth:`bind`).
 
@@ -207,11 +218,13 @@ class Dispatcher:
                 if payload is None:
                     self._acks.inflight.add(tag)
                     job = self._computing.get(key)
+                    deadline_ms = _deadline_ms(headers)
                     if job is not None:
-                        job.waiters.append((tag, reply_to, props.correlation_id, start))
+                        job.add_waiter(tag, reply_to, props.correlation_id, start, deadline_ms)
                     else:
                         self.stats.offloaded += 1
-                        job = self._computing[key] = Job(channel, n, fmt, tag, reply_to, props.correlation_id, start)
+                        job = self._computing[key] = Job(channel, n, fmt, tag, reply_to, props.correlation_id, start,
+                                                         deadline_ms)
                         self._computer.submit(job)
                     return
                 self.stats.cache_hits += 1
@@ -323,10 +336,12 @@ class Dispatcher:
 
     def on_computed(self, job: Job) -> None:
         """A job back from the compute thread (on the I/O thread): reply to its waiters."""
+        key = (job.n, job.fmt)
+        if job.body is not None:  # even if its channel is gone: the redelivered requests cost a lookup
+            self.cache.put(key, job.body)
         channel = job.channel
         if channel is not self.channel or not channel.is_open:
             return  # that channel is gone; the broker redelivers the requests
-        key = (job.n, job.fmt)
         if self._computing.get(key) is job:
             del self._computing[key]
         inflight = self._acks.inflight
@@ -337,6 +352,13 @@ class Dispatcher:
             for tag, *_ in job.waiters:
                 self.stats.requeued_on_stop += 1
                 channel.basic_reject(tag, requeue=True)
+        elif job.expired:
+            # Every waiter's deadline passed while the job was queued: acknowledged without an answer.
+            for tag, _, correlation_id, _ in job.waiters:
+                self.stats.expired += 1
+                log.debug("request %r past its deadline when its F(%d) came up: acknowledged without an answer",
+                          correlation_id, job.n)
+                self._acks.done(tag)
         elif job.error is not None:
             try:
                 raise job.error
@@ -344,7 +366,6 @@ class Dispatcher:
                 for tag, reply_to, correlation_id, start in job.waiters:
                     self._internal_error(channel, tag, reply_to, correlation_id, f"computing F({job.n})", start)
         else:
-            self.cache.put(key, job.body)
             for tag, reply_to, correlation_id, start in job.waiters:
                 self._reply(channel, reply_to, correlation_id, job.fmt, job.body, start)
                 self._acks.done(tag)
