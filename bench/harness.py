@@ -111,7 +111,7 @@ def _n_label(n: int) -> str:
 @dataclass
 class ServerSpec:
     key: str  # unique in the run: echo, naive, gmpy2, fastfib-w2, fastfib-w2-nocache
-    kind: str  # echo | naive | gmpy2 | fastfib
+    kind: str  # echo | naive | gmpy2 | fastfib | fastfib-pika (fastfib serve --wire pika)
     label: str
     workers: int = 1
     cache: bool = True  # fastfib only
@@ -168,6 +168,8 @@ def repeated(cell: Cell) -> bool:
 def applies(server: ServerSpec, cell: Cell, max_workers: int) -> tuple[bool, str | None]:
     """Whether a server runs a cell; (False, reason) marks a cell that is reported as not run,
     (False, None) one that does not belong to that server's rows at all."""
+    if server.kind == "fastfib-pika":  # the pika wire beside the default one: n=20 only
+        return (cell.api != "client" and cell.workload == "fixed" and cell.n == 20), None
     if cell.api == "client":
         return (server.kind == "fastfib" and server.cache and server.workers == max_workers), None
     if server.kind == "echo":
@@ -439,11 +441,16 @@ def server_specs(settings: Settings, run_id: str, fastfib_ok: bool) -> list[Serv
         if "nocache" in kinds:
             w = max(settings.workers)
             specs.append(ServerSpec(f"fastfib-w{w}-nocache", "fastfib", f"fastfib w={w} no cache", workers=w, cache=False))
+        if "pikawire" in kinds:
+            w = max(settings.workers)
+            specs.append(ServerSpec(f"fastfib-w{w}-pika", "fastfib-pika", f"fastfib w={w} --wire pika", workers=w))
     for s in specs:
         s.queue = f"bench.{run_id}.{s.key}"
-        if s.kind == "fastfib":
+        if s.kind in ("fastfib", "fastfib-pika"):
             s.argv = [py, "-m", "fastfib", "serve", "--url", settings.url, "--queue", s.queue,
                       "--workers", str(s.workers), "--log-level", "warning"]
+            if s.kind == "fastfib-pika":
+                s.argv += ["--wire", "pika"]
             if not s.cache:
                 s.argv += ["--cache-bytes", "0"]
             elif settings.cache_bytes is not None:

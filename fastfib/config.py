@@ -24,7 +24,16 @@ from .cache import DEFAULT_CACHE_BYTES
 from .limits import DEFAULT_MAX_REPLY_BYTES
 from .logs import LOG_FORMATS, LOG_LEVELS, mask_url
 from .protocol import DEFAULT_MAX_N, DEFAULT_QUEUE, DEFAULT_URL
-from .server.settings import DEFAULT_INLINE_MAX_N, DEFAULT_PREFETCH, QUEUE_TYPES, WorkerConfig
+from .server.settings import (
+    DEFAULT_INLINE_MAX_N,
+    DEFAULT_PREFETCH,
+    MAX_INLINE_MAX_N,
+    MAX_PREFETCH,
+    MAX_SERVED_N,
+    QUEUE_TYPES,
+    WIRES,
+    WorkerConfig,
+)
 
 DEFAULT_METRICS_HOST = "127.0.0.1"
 
@@ -165,6 +174,10 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--dead-letter-routing-key", "FASTFIB_DEAD_LETTER_ROUTING_KEY", non_empty, None, metavar="KEY",
            help="routing key for dead-lettered requests (x-dead-letter-routing-key)",
            shown_default="the request's own"),
+    Option("--wire", "FASTFIB_WIRE", choice(*WIRES), "fast", metavar="{" + ",".join(WIRES) + "}",
+           help="fast: the worker decodes its deliveries and encodes its replies itself (falls back to pika, "
+                "with a warning, if the installed pika fails the startup self-check); pika: pika's public API "
+                "only (docs/server.md)"),
     Option("--delivery-limit", "FASTFIB_DELIVERY_LIMIT", positive_int, None, metavar="N",
            help="quorum queues: a request returned to the queue more than N times is dead-lettered (or "
                 "dropped without a dead-letter exchange)", shown_default="none"),
@@ -243,6 +256,14 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
         raise ConfigError("--no-queue-durable (FASTFIB_QUEUE_DURABLE) needs --queue-type classic: a quorum queue is "
                           "always durable (the seed tutorial's transient queue is --queue-type classic "
                           "--no-queue-durable)")
+    if v["max_n"] > MAX_SERVED_N:
+        raise ConfigError(f"--max-n {v['max_n']} is above {MAX_SERVED_N}, the largest n whose decimal reply fits "
+                          "RabbitMQ's default message size limit (128 MiB)")
+    if v["prefetch"] > MAX_PREFETCH:
+        raise ConfigError(f"--prefetch {v['prefetch']} is above {MAX_PREFETCH}, the most basic.qos can carry")
+    if v["inline_max_n"] > MAX_INLINE_MAX_N:
+        raise ConfigError(f"--inline-max-n {v['inline_max_n']} is above {MAX_INLINE_MAX_N}: n that large would "
+                          "block the worker's I/O thread (no other request, no heartbeat) for too long")
     if v["delivery_limit"] is not None and v["queue_type"] != "quorum":
         raise ConfigError("--delivery-limit (FASTFIB_DELIVERY_LIMIT) needs --queue-type quorum")
     if v["dead_letter_routing_key"] is not None and v["dead_letter_exchange"] is None:
@@ -271,6 +292,7 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
         dead_letter_routing_key=v["dead_letter_routing_key"],
         delivery_limit=v["delivery_limit"],
         metrics=v["metrics_port"] is not None,
+        wire=v["wire"],
     )
     return ServeSettings(worker=worker, workers=v["workers"], metrics_port=v["metrics_port"],
                          metrics_host=v["metrics_host"])

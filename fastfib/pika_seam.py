@@ -1,51 +1,77 @@
-"""The one module that uses pika's private API: the worker's connection on the hot path.
+"""The one module that uses pika's private API: the worker's connection on the fast wire.
 
 :class:`CoalescingConnection` is a :class:`pika.SelectConnection` that decodes
 the worker's own deliveries with :mod:`fastfib.wire` and writes each I/O loop
-turn's frames with one ``send``. Everything else is pika's.
+turn's frames with one ``sendmsg``. Everything else is pika's.
+
+It relies on these private parts of pika 1.4.4 (pinned exactly in
+pyproject.toml): ``Connection._on_data_available`` (called with each chunk
+read from the socket), ``_frame_buffer`` (bytes not yet decoded),
+``_process_frame`` (one decoded frame in), ``_output_marshaled_frames`` (every
+frame out), ``_body_max_length``, ``_adapter_emit_data`` and ``_transport``;
+the plain transport's ``_sock``, ``_state`` and ``_STATE_ACTIVE``; and, for
+:func:`self_check`, ``BaseConnection._nbio`` and ``_StreamingProtocolShim``.
+
+:func:`self_check` runs a real connection of this class through a handshake,
+a channel, a consumer, deliveries (whole and split), replies, acks and a
+heartbeat against an in-process fake broker on a socketpair (:class:`Loopback`).
+If the installed pika no longer behaves as this module expects, it returns
+what went wrong, and the worker logs one warning and runs on pika's public
+API (``--wire pika``) instead.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pika
 import pika.exceptions
 import pika.frame
+from pika import spec
+from pika.adapters.select_connection import IOLoop
 
-from .wire import INCOMPLETE, parse_delivery
+from .wire import FRAME_OVERHEAD, INCOMPLETE, decode_delivery, encode_reply, frame_count
 
 try:  # for the direct send of CoalescingConnection._flush (plain TCP only; TLS goes through pika)
     from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PlaintextTransport
 except ImportError:  # pragma: no cover - another pika layout: pika's own writes only
     _PlaintextTransport = None
 
+log = logging.getLogger(__name__)
 
 _UNPACK_FRAME_HEADER = struct.Struct(">BHI").unpack_from
 _BASIC_DELIVER = b"\x00\x3c\x00\x3c"  # class 60 (basic), method 60 (deliver)
+#: Deliveries with a larger body are left to pika (a valid request is at most 64 bytes): a large one
+#: arriving over many reads would be decoded again from its start at each read.
+_FAST_BODY_MAX = 65536
+#: At most this many buffers per sendmsg (Linux's IOV_MAX is 1024).
+_IOV_MAX = 1024
+#: Pieces handed to pika's transport after a partial send: smaller ones are joined (one send each
+#: in pika), larger ones go as they are (no copy).
+_JOIN_BELOW = 65536
 
 
 class CoalescingConnection(pika.SelectConnection):
-    """A SelectConnection that writes one I/O loop turn's frames with one send(2).
+    """A SelectConnection that writes one I/O loop turn's frames with one ``sendmsg``.
 
     pika hands every frame to its transport separately, and the transport
     sends each queued chunk with a system call of its own: a reply is three
     frames (method, header, body), so three ``send`` calls, plus one per ack.
     Measured under load, those calls were the largest single cost of a worker.
     This subclass collects what pika outputs during a loop turn and writes it
-    as one chunk in a timer at the end of the turn, after ``before_flush``
-    (the worker's batched acknowledgements) has added its frames. Order is
-    kept, so a reply still reaches the broker before the ack of its request.
-
-    It overrides ``Connection._output_marshaled_frames``, a private method that
-    every outgoing frame goes through in pika 1.x (``tests/test_server_unit.py``
-    checks it is still there).
+    in a timer at the end of the turn, after ``before_flush`` (the worker's
+    batched acknowledgements) has added its frames. Order is kept, so a reply
+    still reaches the broker before the ack of its request.
     """
 
     def __init__(self, *args: Any, before_flush: Callable[[], None] | None = None, **kwargs: Any) -> None:
-        self._out: list[bytes] = []
+        self._out: list = []
         self._flush_scheduled = False
         self._before_flush = before_flush
         self._fast: tuple[int, bytes, Callable] | None = None
@@ -53,9 +79,10 @@ class CoalescingConnection(pika.SelectConnection):
 
     def set_fast_deliveries(self, channel_number: int, consumer_tag: str, handler: Callable) -> None:
         """Decode the deliveries to ``consumer_tag`` on ``channel_number`` here and call
-        ``handler(delivery_tag, properties, body)``, bypassing pika's generic frame machinery
-        (which costs more than everything else a small request needs). Everything else,
-        and any delivery this decoder does not take, goes through pika as usual."""
+        ``handler(delivery)`` (a :class:`fastfib.wire.Delivery`, or a :class:`fastfib.wire.BadDelivery`
+        to settle), bypassing pika's generic frame machinery (which costs more than everything else a
+        small request needs). Everything else, and any delivery this decoder does not take, goes
+        through pika as usual."""
         self._fast = (channel_number, consumer_tag.encode("utf-8"), handler)
 
     def clear_fast_deliveries(self) -> None:
@@ -78,16 +105,15 @@ class CoalescingConnection(pika.SelectConnection):
             if end >= n:
                 break
             if ftype == 1 and channel_number == fast[0] and buf[pos + 7:pos + 11] == _BASIC_DELIVER:
-                parsed = parse_delivery(buf, pos, channel_number, fast[1])
-                if parsed is INCOMPLETE:
+                delivery = decode_delivery(buf, pos, channel_number, fast[1], max_body=_FAST_BODY_MAX)
+                if delivery is INCOMPLETE:
                     break
-                if parsed is not None:
-                    delivery_tag, props, body, next_pos, frames = parsed
+                if delivery is not None:
                     # pika counts both; its heartbeat checker takes received bytes as a sign of life.
-                    self.bytes_received += next_pos - pos
-                    self.frames_received += frames
-                    pos = next_pos
-                    fast[2](delivery_tag, props, body)
+                    self.bytes_received += delivery.end - pos
+                    self.frames_received += delivery.frames
+                    pos = delivery.end
+                    fast[2](delivery)
                     continue
             if buf[end] != 0xCE:  # let pika's decoder raise its error on it
                 super()._on_data_available(buf[pos:])
@@ -107,7 +133,8 @@ class CoalescingConnection(pika.SelectConnection):
             self.request_flush()
 
     def write_frames(self, pieces: list, frames: int) -> None:
-        """Queue already-marshaled bytes (``pieces`` making up ``frames`` whole frames)."""
+        """Queue already-marshaled bytes (``pieces``, bytes or memoryviews, making up ``frames`` whole
+        frames); they are not copied before they are written."""
         if self.is_closed:
             raise pika.exceptions.ConnectionWrongStateError("the connection is closed")
         for piece in pieces:
@@ -119,7 +146,7 @@ class CoalescingConnection(pika.SelectConnection):
 
     def body_max_length(self) -> int:
         """The largest body frame payload, as negotiated (frame_max minus the frame's 8 bytes of framing)."""
-        return self._body_max_length or (self.params.frame_max - 8)
+        return self._body_max_length or (self.params.frame_max - FRAME_OVERHEAD)
 
     def request_flush(self) -> None:
         """Run ``before_flush`` and write what is buffered at the end of this loop turn."""
@@ -128,27 +155,271 @@ class CoalescingConnection(pika.SelectConnection):
             self.ioloop.call_later(0, self._flush)
 
     def _flush(self) -> None:
-        if self._before_flush is not None:
-            self._before_flush()
-        self._flush_scheduled = False
+        # Whatever before_flush does, the flag is cleared and the output written: a failure there
+        # must not stop every later write (heartbeats included).
+        try:
+            if self._before_flush is not None:
+                self._before_flush()
+        except Exception:
+            log.exception("internal error before writing the output (acknowledgements); writing it anyway")
+        finally:
+            self._flush_scheduled = False
         out = self._out
         if not out:
             return
-        data = b"".join(out)
-        out.clear()
+        self._out = []
         transport = self._transport
         if transport is None:
             return
         if (_PlaintextTransport is not None and type(transport) is _PlaintextTransport
                 and transport._state == transport._STATE_ACTIVE and not transport.get_write_buffer_size()):
-            # Nothing queued before us: send now, as asyncio's transports do, instead of
-            # waiting one more epoll round for writability. Whatever the kernel does not
-            # take (or an error, which pika then meets and handles) goes the usual way.
-            try:
-                sent = transport._sock.send(data)
-            except OSError:
-                sent = 0
-            if sent == len(data):
+            # Nothing queued before us: send now, as asyncio's transports do, instead of waiting
+            # one more epoll round for writability. Whatever the kernel does not take (or an error,
+            # which pika then meets and handles) goes the usual way.
+            out = _send_pieces(transport._sock, out)
+            if not out:
                 return
-            data = data[sent:]
-        self._adapter_emit_data(data)
+        for chunk in _coalesce(out):
+            self._adapter_emit_data(chunk)
+
+
+def _send_pieces(sock: socket.socket, pieces: list) -> list:
+    """Send ``pieces`` with ``sendmsg`` (no joining, no copies) until done or the kernel takes no
+    more; return what is left (the first piece possibly as a memoryview of its unsent tail)."""
+    i = 0
+    n = len(pieces)
+    while i < n:
+        batch = pieces[i:i + _IOV_MAX]
+        try:
+            sent = sock.sendmsg(batch)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return pieces[i:]  # pika's transport meets the error again and closes the connection
+        for piece in batch:
+            size = len(piece)
+            if sent >= size:
+                sent -= size
+                i += 1
+                continue
+            if sent:
+                pieces[i] = memoryview(piece)[sent:]
+            return pieces[i:]
+    return []
+
+
+def _coalesce(pieces: list):
+    """``pieces`` for pika's transport (one send per chunk there): runs of small pieces joined,
+    large ones as they are."""
+    small: list = []
+    for piece in pieces:
+        if len(piece) >= _JOIN_BELOW:
+            if small:
+                yield b"".join(small)
+                small = []
+            yield piece
+        elif piece:
+            small.append(piece)
+    if small:
+        yield b"".join(small)
+
+
+# ----------------------------------------------------------------------------- the self-check
+
+
+class Loopback:
+    """A real :class:`CoalescingConnection` (pika's transport, I/O loop and frame machinery) wired
+    over a socketpair to a fake broker run by the caller: ``send`` writes broker frames, ``recv``
+    reads what the connection wrote, ``spin`` runs the I/O loop until a condition holds.
+
+    Used by :func:`self_check` at startup and by the tests; no network, no broker.
+    """
+
+    def __init__(self, connection_class: type = None, frame_max: int = 131072, **kwargs: Any) -> None:
+        cls = connection_class or CoalescingConnection
+        self.ioloop = IOLoop()
+        self.peer, sock = socket.socketpair()
+        self.peer.setblocking(False)
+        sock.setblocking(False)  # pika's connector would have made it non-blocking
+        self.opened = self.open_error = self.closed = None
+        self.frame_max = frame_max
+        params = pika.ConnectionParameters(heartbeat=0, frame_max=frame_max)
+        self.connection = cls(
+            parameters=params, custom_ioloop=self.ioloop, internal_connection_workflow=False,
+            on_open_callback=lambda c: setattr(self, "opened", c),
+            on_open_error_callback=lambda c, e: setattr(self, "open_error", e),
+            on_close_callback=lambda c, e: setattr(self, "closed", e), **kwargs)
+        from pika.adapters.base_connection import _StreamingProtocolShim
+
+        done: list = []
+        self.connection._nbio.create_streaming_connection(
+            functools.partial(_StreamingProtocolShim, self.connection), sock, done.append)
+        self.spin(lambda: done, what="the transport")
+        if isinstance(done[0], BaseException):
+            raise done[0]
+        self._received = bytearray()
+
+    def spin(self, condition: Callable[[], Any], timeout: float = 2.0, what: str = "the condition") -> None:
+        deadline = time.monotonic() + timeout
+        self.ioloop.activate_poller()
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            wake = self.ioloop.call_later(0.05, lambda: None)  # poll() would wait for I/O without end
+            self.ioloop.poll()
+            self.ioloop.process_timeouts()
+            self.ioloop.remove_timeout(wake)
+        self.ioloop.deactivate_poller()
+
+    def send(self, data: bytes) -> None:
+        self.peer.sendall(data)
+
+    def send_method(self, channel: int, method) -> None:
+        self.send(pika.frame.Method(channel, method).marshal())
+
+    def recv(self) -> bytes:
+        """Everything the connection has written so far (and not returned before)."""
+        while True:
+            try:
+                chunk = self.peer.recv(1 << 20)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self._received += chunk
+        data, self._received = bytes(self._received), bytearray()
+        return data
+
+    def frames(self, condition: Callable[[list], bool], what: str) -> list:
+        """Decoded frames the connection writes, read until ``condition(frames)``."""
+        buf = b""
+        frames: list = []
+
+        def more() -> bool:
+            nonlocal buf
+            buf += self.recv()
+            while True:
+                used, value = pika.frame.decode_frame(buf)
+                if not value:
+                    break
+                frames.append(value)
+                buf = buf[used:]
+            return condition(frames)
+
+        self.spin(more, what=what)
+        return frames
+
+    def handshake(self) -> None:
+        """Protocol header, start, tune, open: the connection is open afterwards."""
+        header = bytearray()
+        self.spin(lambda: header.extend(self.recv()) or len(header) >= 8, what="the protocol header")
+        if bytes(header) != pika.frame.ProtocolHeader().marshal():
+            raise AssertionError(f"unexpected protocol header {bytes(header)!r}")
+        self.send_method(0, spec.Connection.Start(server_properties={"product": "loopback"},
+                                                  mechanisms="PLAIN", locales="en_US"))
+        self.frames(lambda fs: any(isinstance(f.method, spec.Connection.StartOk) for f in fs), "start-ok")
+        self.send_method(0, spec.Connection.Tune(channel_max=16, frame_max=self.frame_max, heartbeat=0))
+        self.frames(lambda fs: any(isinstance(f.method, spec.Connection.Open) for f in fs), "open")
+        self.send_method(0, spec.Connection.OpenOk())
+        self.spin(lambda: self.opened is not None or self.open_error is not None, what="the connection to open")
+        if self.open_error is not None:
+            raise self.open_error
+
+    def close(self) -> None:
+        try:
+            transport = self.connection._transport
+            if transport is not None:
+                transport.abort()
+        finally:
+            self.peer.close()
+            self.ioloop.close()
+
+
+def _delivery(channel: int, tag: int, ctag: str, props: spec.BasicProperties, body: bytes, frame_max: int) -> bytes:
+    out = [pika.frame.Method(channel, spec.Basic.Deliver(consumer_tag=ctag, delivery_tag=tag, redelivered=tag == 2,
+                                                         exchange="", routing_key="q")).marshal(),
+           pika.frame.Header(channel, len(body), props).marshal()]
+    step = frame_max - FRAME_OVERHEAD
+    out += [pika.frame.Body(channel, body[i:i + step]).marshal() for i in range(0, len(body), step)]
+    return b"".join(out)
+
+
+def _exercise(loop: Loopback) -> None:
+    """Drive a connection through what the worker's fast wire relies on; raise AssertionError if
+    something does not work as expected."""
+    conn = loop.connection
+    loop.handshake()
+    opened: list = []
+    conn.channel(on_open_callback=opened.append)
+    loop.frames(lambda fs: any(isinstance(f.method, spec.Channel.Open) for f in fs), "channel.open")
+    loop.send_method(1, spec.Channel.OpenOk())
+    loop.spin(lambda: opened, what="the channel to open")
+    channel = opened[0]
+    assert conn.body_max_length() == loop.frame_max - FRAME_OVERHEAD, "the negotiated frame size is not seen"
+
+    got: list = []
+    consuming: list = []
+    ctag = channel.basic_consume("q", lambda *a: got.append(("pika",) + a), auto_ack=False, callback=consuming.append)
+    loop.frames(lambda fs: any(isinstance(f.method, spec.Basic.Consume) for f in fs), "basic.consume")
+    loop.send_method(1, spec.Basic.ConsumeOk(consumer_tag=ctag))
+    loop.spin(lambda: consuming, what="consume-ok")
+    conn.set_fast_deliveries(channel.channel_number, ctag, lambda d: got.append(("fast", d)))
+    props = spec.BasicProperties(reply_to="replies", correlation_id="c", headers={"x-deadline-ms": 1})
+    body = bytes(range(256)) * 3
+    stream = b"".join(_delivery(1, tag, ctag, props, body, loop.frame_max) for tag in (1, 2, 3))
+    before = conn.bytes_received
+    loop.send(stream[:50])  # a delivery split over reads, with a heartbeat between
+    loop.spin(lambda: conn._frame_buffer, what="the first part to be buffered")
+    loop.send(stream[50:] + pika.frame.Heartbeat().marshal())
+    loop.spin(lambda: len(got) == 3, what="three deliveries")
+    assert [(kind, d.delivery_tag, d.redelivered, d.body) for kind, d in got] == [
+        ("fast", t, t == 2, body) for t in (1, 2, 3)], "deliveries not decoded by the fast path"
+    assert got[0][1].properties.headers == {"x-deadline-ms": 1}
+    assert conn.bytes_received - before == len(stream) + 8, f"received bytes not counted: {conn.bytes_received - before} of {len(stream) + 8}"
+    assert not conn._frame_buffer, "bytes left in pika's frame buffer"
+
+    # Other frames on the way in go to pika: a delivery to another consumer, split over reads.
+    conn.clear_fast_deliveries()
+    other = _delivery(1, 4, ctag, props, b"x", loop.frame_max)
+    loop.send(other[:9])
+    loop.spin(lambda: conn._frame_buffer, what="pika to buffer a partial frame")
+    conn.set_fast_deliveries(channel.channel_number, ctag, lambda d: got.append(("fast", d)))
+    loop.send(other[9:])
+    loop.spin(lambda: len(got) == 4, what="the fourth delivery")
+    assert got[3][1].delivery_tag == 4 and not conn._frame_buffer, "a partial frame was lost or doubled"
+    conn.clear_fast_deliveries()
+    loop.send(_delivery(1, 5, ctag, props, b"y", loop.frame_max))
+    loop.spin(lambda: len(got) == 5, what="a delivery through pika")
+    assert got[4][0] == "pika" and got[4][2].delivery_tag == 5 and got[4][4] == b"y", "pika's own path broke"
+
+    # The way out: a reply written by us, then an ack by pika, in that order, in one write.
+    reply = encode_reply(1, "replies", b"r" * 300_000, loop.frame_max, content_type="text/plain",
+                         correlation_id="c")
+    conn.write_frames(reply, frame_count(reply))
+    channel.basic_ack(3, multiple=True)
+    out = loop.frames(lambda fs: any(isinstance(f, pika.frame.Method) and isinstance(f.method, spec.Basic.Ack)
+                                     for f in fs), "the reply and the ack")
+    kinds = [type(f.method).__name__ if isinstance(f, pika.frame.Method) else type(f).__name__ for f in out]
+    assert kinds == ["Publish", "Header"] + ["Body"] * 3 + ["Ack"], f"frames out of order or missing: {kinds}"
+    assert b"".join(f.fragment for f in out if isinstance(f, pika.frame.Body)) == b"r" * 300_000
+    # A heartbeat (pika's own frame) still goes out, through the same coalescing path.
+    conn._send_frame(pika.frame.Heartbeat())
+    loop.frames(lambda fs: any(isinstance(f, pika.frame.Heartbeat) for f in fs), "a heartbeat")
+
+
+def self_check() -> str | None:
+    """None when :class:`CoalescingConnection` works with the installed pika; else what went wrong."""
+    loop = None
+    try:
+        loop = Loopback()
+        _exercise(loop)
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use the fast wire
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        if loop is not None:
+            try:
+                loop.close()
+            except Exception:  # noqa: BLE001 - closing a check's sockets
+                pass
+    return None
+

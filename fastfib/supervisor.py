@@ -41,7 +41,7 @@ from typing import Any
 from .exitcodes import EXIT_ACCESS_REFUSED, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from .limits import max_n_warning
 from .logs import configure_logging, mask_url
-from .server.lifecycle import run_worker
+from .server.lifecycle import run_worker, wire_works
 from .server.settings import WorkerConfig
 
 log = logging.getLogger("fastfib.supervisor")
@@ -104,10 +104,13 @@ class Supervisor:
         try:
             log.info(
                 "starting %d worker(s) on queue %r (broker %s, prefetch %d, max n %d, cache %d bytes per worker; "
-                "queue declared as %s)",
+                "queue declared as %s; wire %s)",
                 self.workers, self.config.queue, ", ".join(mask_url(u) for u in self.config.urls),
                 self.config.prefetch, self.config.max_n, self.config.cache_bytes, self.config.describe_queue(),
+                self.config.wire,
             )
+            if self.config.wire == "fast" and not wire_works():
+                self.config = dataclasses.replace(self.config, wire="pika")  # warned once, here
             too_large = max_n_warning(self.config.max_n, self.config.max_reply_bytes)
             if too_large:
                 log.warning("%s", too_large)

@@ -32,16 +32,23 @@ import pika
 ROOT = Path(__file__).resolve().parent.parent
 URL = os.environ.get("FASTFIB_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 READY_LINE = "workers consuming"
+#: The worker's wires (``fastfib serve --wire``): the server tests run on each.
+WIRES = ("fast", "pika")
 
 
 class Pool:
     """A ``fastfib serve`` subprocess (supervisor + workers) in its own session."""
 
-    def __init__(self, queue: str, *args: str, workers: int = 2, url: str | None = URL, env: dict | None = None) -> None:
+    def __init__(self, queue: str, *args: str, workers: int = 2, url: str | None = URL, env: dict | None = None,
+                 wire: str | None = None) -> None:
         self.queue = queue
         self.workers = workers
+        #: The --wire given, else FASTFIB_WIRE (of ``env``, then of this process), else the default.
+        self.wire = wire or (env or {}).get("FASTFIB_WIRE") or os.environ.get("FASTFIB_WIRE") or "fast"
         self.log = tempfile.NamedTemporaryFile(prefix="fastfib-serve-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "fastfib", "serve", "--queue", queue, "--workers", str(workers), *args]
+        if wire is not None:
+            cmd += ["--wire", wire]
         if url is not None:
             cmd += ["--url", url]
         self.cmd = cmd

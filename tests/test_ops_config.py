@@ -117,6 +117,9 @@ def test_bad_url_in_the_environment_is_a_usage_error_without_the_password():
     (["--no-queue-durable"], "needs --queue-type classic"),
     (["--dead-letter-routing-key", "k"], "needs --dead-letter-exchange"),
     (["--max-n", str(10**10)], "above the kernel's limit"),
+    (["--max-n", "642228068"], "decimal reply fits"),
+    (["--prefetch", "65536"], "above 65535"),
+    (["--inline-max-n", "1000001"], "I/O thread"),
 ])
 def test_inconsistent_settings_are_usage_errors(argv, says):
     with pytest.raises(cfg.ConfigError, match=says):
@@ -126,6 +129,21 @@ def test_inconsistent_settings_are_usage_errors(argv, says):
 def test_inconsistent_settings_exit_2():
     out = run_serve("--queue-type", "classic", "--delivery-limit", "3")
     assert out.returncode == 2 and "needs --queue-type quorum" in out.stderr, out
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--prefetch", "70000"], "--prefetch 70000 is above 65535"),
+    (["--inline-max-n", "10000000"], "--inline-max-n 10000000 is above 1000000"),
+    (["--max-n", "700000000"], "--max-n 700000000 is above 642228067"),
+])
+def test_settings_out_of_bounds_exit_2_with_a_clear_message(argv, says):
+    out = run_serve(*argv)
+    assert out.returncode == 2 and says in out.stderr, out
+
+
+def test_the_bounds_themselves_are_accepted():
+    v = settings(["--prefetch", "65535", "--inline-max-n", str(10**6), "--max-n", "642228067"]).worker
+    assert (v.prefetch, v.inline_max_n, v.max_n) == (65535, 10**6, 642228067)
 
 
 # ------------------------------------------------------------------------------ queues

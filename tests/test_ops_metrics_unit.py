@@ -147,7 +147,7 @@ def test_worker_times_every_answered_request_and_only_those():
 
     def deliver(tag, body, **props):
         props.setdefault("reply_to", "replies")
-        worker.dispatcher.on_message(chan, type("M", (), {"delivery_tag": tag})(), BasicProperties(**props), body)
+        worker.dispatcher.on_message(chan, type("M", (), {"delivery_tag": tag, "redelivered": False})(), BasicProperties(**props), body)
 
     deliver(1, b"20")  # inline: timed
     deliver(2, b"x")  # invalid_argument: timed

@@ -24,6 +24,7 @@ from _net import TcpProxy
 from _server_helpers import (
     ROOT,
     URL,
+    WIRES,
     Pool,
     RpcClient,
     close_worker_connections,
@@ -35,6 +36,13 @@ from _server_helpers import (
 import fastfib
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+@pytest.fixture(autouse=True, params=WIRES)
+def wire(request, monkeypatch):
+    """Every test here runs on both wires (``fastfib serve`` reads FASTFIB_WIRE)."""
+    monkeypatch.setenv("FASTFIB_WIRE", request.param)
+    return request.param
 
 
 def expected(body: bytes) -> bytes:

@@ -14,7 +14,7 @@ import uuid
 
 import gmpy2
 import pytest
-from _server_helpers import URL, Pool, RpcClient, delete_queue
+from _server_helpers import URL, WIRES, Pool, RpcClient, delete_queue
 
 from fastfib import protocol
 from fastfib.server.lifecycle import Worker
@@ -26,10 +26,11 @@ MAX_N = 5000
 BINARY = {"accept": "application/octet-stream"}
 
 
-@pytest.fixture(scope="module")
-def pool(broker_url):
+@pytest.fixture(scope="module", params=WIRES)
+def pool(broker_url, request):
     queue = f"fastfib-test-serve-{uuid.uuid4().hex[:12]}"
-    with Pool(queue, "--max-n", str(MAX_N), "--inline-max-n", "1000", "--log-level", "DEBUG") as p:
+    with Pool(queue, "--max-n", str(MAX_N), "--inline-max-n", "1000", "--log-level", "DEBUG",
+              wire=request.param) as p:
         p.wait_ready()
         yield p
     delete_queue(queue)
@@ -207,7 +208,8 @@ def test_mixed_load_every_answer_exactly_once(pool, direct):
             assert reply == str(fib(int(body))).encode()
 
 
-def test_internal_error_reply_from_a_failing_kernel(broker_url):
+@pytest.mark.parametrize("wire", WIRES)
+def test_internal_error_reply_from_a_failing_kernel(broker_url, wire):
     """``internal``: a worker whose kernel fails (the compute function is a constructor
     argument; here one that raises for n = 13) replies ``internal`` over the real broker,
     acknowledges, and keeps serving, on both the inline and the compute-thread path."""
@@ -221,7 +223,7 @@ def test_internal_error_reply_from_a_failing_kernel(broker_url):
         return fastfib.fib_encoded(n, fmt)
 
     consuming = threading.Event()
-    worker = Worker(WorkerConfig(urls=(URL,), queue=queue, inline_max_n=1000), compute=compute,
+    worker = Worker(WorkerConfig(urls=(URL,), queue=queue, inline_max_n=1000, wire=wire), compute=compute,
                     on_event=lambda name, detail: name == "consuming" and consuming.set())
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
@@ -234,8 +236,45 @@ def test_internal_error_reply_from_a_failing_kernel(broker_url):
                 assert json.loads(body)["error"] == "internal"
                 assert client.call(str(n + 1).encode())[1] == str(fib(n + 1)).encode()
         assert worker.stats.errors["internal"] == 2
+        assert worker.wire == wire  # the fast wire passed its self-check: no fallback
     finally:
         worker.request_stop()
         thread.join(15)
         delete_queue(queue)
     assert not thread.is_alive() and worker.exit_code == 0
+
+
+def _nested(depth: int) -> dict:
+    headers: dict = {}
+    inner = headers
+    for _ in range(depth):
+        inner["a"] = {}
+        inner = inner["a"]
+    return headers
+
+
+def test_an_undecodable_request_gets_an_error_reply_and_is_not_redelivered(pool, direct):
+    """Headers nested too deeply for any decoder (RecursionError in the worker): the request is
+    answered invalid_argument and rejected without requeue; the workers keep their connections."""
+    import sys
+
+    if pool.wire == "pika":
+        pytest.skip("--wire pika decodes with pika itself, which raises on such headers (docs/server.md)")
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(50_000)  # pika's encoder recurses too
+    try:
+        cid = direct.publish(b"10", headers=_nested(3000))
+    finally:
+        sys.setrecursionlimit(limit)
+    assert direct.call(b"11")[1] == b"89"
+    deadline = time.monotonic() + 10
+    while not direct.replies.get(cid) and time.monotonic() < deadline:
+        direct.connection.process_data_events(time_limit=0.05)
+    (props, reply), = direct.replies[cid]
+    assert props.headers == {"x-error": "invalid_argument"}
+    assert "cannot be decoded" in json.loads(reply)["message"]
+    pool.wait_for("undecodable request", timeout=10)
+    direct.drain(0.5)
+    assert len(direct.replies[cid]) == 1  # not redelivered
+    assert "lost" not in pool.text() and "reconnecting" not in pool.text()

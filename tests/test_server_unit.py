@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import time
 
 import pytest
 from pika.spec import BasicProperties
@@ -103,8 +104,7 @@ class FakeChannel:
         self.acks.append((delivery_tag, multiple))
 
     def basic_reject(self, delivery_tag, requeue=True):
-        assert requeue
-        self.rejects.append(delivery_tag)
+        self.rejects.append((delivery_tag, requeue))
 
 
 class Method:
@@ -275,7 +275,7 @@ def test_jobs_skipped_on_stop_are_rejected_back_to_the_queue():
     job.skipped = True
     worker.dispatcher.on_computed(job)
     worker.acks.flush()
-    assert channel.rejects == [1] and channel.acks == [] and channel.published == []
+    assert channel.rejects == [(1, True)] and channel.acks == [] and channel.published == []
 
 
 def test_results_for_a_closed_channel_are_dropped():
@@ -287,6 +287,37 @@ def test_results_for_a_closed_channel_are_dropped():
     worker.dispatcher.on_computed(job)
     worker.acks.flush()
     assert channel.published == [] and channel.acks == []
+    assert worker.cache.get((5, "decimal")) == b"5"  # cached all the same: its redelivery costs a lookup
+
+
+def test_the_compute_thread_drops_a_job_whose_deadline_passed_in_the_queue():
+    computed = []
+
+    def compute(n, fmt):
+        computed.append(n)
+        return fastfib.fib_encoded(n, fmt)
+
+    worker, channel = make_worker(compute=compute, inline_max_n=100)
+    soon = int(time.time() * 1000) + 30  # not passed when the requests arrive
+    deliver(worker, channel, 1, b"5000", headers={"x-deadline-ms": soon})
+    deliver(worker, channel, 2, b"5000", headers={"x-deadline-ms": soon + 1})  # joins the same job
+    deliver(worker, channel, 3, b"6000", headers={"x-deadline-ms": soon})
+    deliver(worker, channel, 4, b"6000")  # no deadline: the job must be computed for it
+    assert worker.stats.expired == 0 and worker.stats.offloaded == 2
+    while time.time() * 1000 <= soon + 1:  # a backlog: the deadlines pass while the jobs wait
+        time.sleep(0.01)
+    worker.computer.start(worker.dispatcher.on_computed)
+    deadline = time.monotonic() + 10
+    while len(channel.published) + worker.stats.expired < 4 and time.monotonic() < deadline:
+        worker._ioloop.process_timeouts()  # the results come back through the I/O loop
+        time.sleep(0.005)
+    worker.computer.stop()
+    worker.acks.flush()
+    assert computed == [6000]
+    assert worker.stats.expired == 2
+    assert [(p.correlation_id, b) for _, b, p in channel.published] == [(c, fastfib.fib_encoded(6000))
+                                                                         for c in ("c3", "c4")]
+    assert acked_tags(channel, 4) == {1, 2, 3, 4}
 
 
 # ------------------------------------------------------------- the reply frames, hand-encoded
@@ -305,7 +336,7 @@ def _pika_frames(channel_number, body_max, reply_to, content_type, correlation_i
 
 
 @pytest.mark.parametrize("correlation_id", [None, "", "abc", "x" * 255, "ünïcödé", b"\xff\xfe"])
-@pytest.mark.parametrize("size", [1, 5, 131064, 131065, 400_000])
+@pytest.mark.parametrize("size", [0, 1, 5, 131064, 131065, 400_000])
 @pytest.mark.parametrize("fmt", ["decimal", "binary"])
 def test_reply_encoder_matches_pika_byte_for_byte(correlation_id, size, fmt):
     from fastfib.wire import CONTENT_TYPE_SHORTSTR, ReplyEncoder
@@ -317,129 +348,3 @@ def test_reply_encoder_matches_pika_byte_for_byte(correlation_id, size, fmt):
         pieces = encoder.frames(reply_to, CONTENT_TYPE_SHORTSTR[fmt], correlation_id, body)
         expected = _pika_frames(3, 131064, reply_to, protocol.CONTENT_TYPES[fmt], correlation_id, body)
         assert b"".join(bytes(p) for p in pieces) == expected
-
-
-def test_pika_still_has_the_method_the_coalescing_connection_overrides():
-    import inspect
-
-    import pika.connection
-
-    from fastfib.pika_seam import CoalescingConnection
-
-    assert "_output_marshaled_frames" in vars(pika.connection.Connection)
-    assert list(inspect.signature(pika.connection.Connection._output_marshaled_frames).parameters) == [
-        "self", "marshaled_frames"]
-    assert "_body_max_length" in inspect.getsource(pika.connection.Connection._on_connection_tune)
-    assert CoalescingConnection._output_marshaled_frames is not pika.connection.Connection._output_marshaled_frames
-    # The direct send in CoalescingConnection._flush relies on these of the plain TCP transport:
-    from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
-
-    from fastfib.pika_seam import _PlaintextTransport
-
-    assert _PlaintextTransport is _AsyncPlaintextTransport
-    assert _AsyncPlaintextTransport._STATE_ACTIVE == 1 and callable(_AsyncPlaintextTransport.get_write_buffer_size)
-    assert "self._sock" in inspect.getsource(_AsyncPlaintextTransport)
-
-
-# ------------------------------------------------------------ the fast delivery decoder
-
-
-def _delivery_bytes(channel_number, consumer_tag, tag, props, body, frame_max=131072) -> bytes:
-    from pika import frame, spec
-
-    out = [frame.Method(channel_number, spec.Basic.Deliver(consumer_tag=consumer_tag, delivery_tag=tag,
-                                                           redelivered=tag % 2 == 0, exchange="",
-                                                           routing_key="rpc_queue")).marshal(),
-           frame.Header(channel_number, len(body), props).marshal()]
-    for start in range(0, len(body), frame_max - 8):
-        out.append(frame.Body(channel_number, body[start:start + frame_max - 8]).marshal())
-    return b"".join(out)
-
-
-class _StubConnection:
-    """The parts of a connection that CoalescingConnection._on_data_available touches."""
-
-    def __new__(cls):
-        from fastfib.pika_seam import CoalescingConnection
-
-        conn = object.__new__(CoalescingConnection)
-        conn._frame_buffer = b""
-        conn.frames_received = 0
-        conn.bytes_received = 0
-        conn.fast_calls = []
-        conn.pika_frames = []
-        conn._process_frame = conn.pika_frames.append
-        conn._fast = None
-        return conn
-
-
-PROPS = [
-    BasicProperties(reply_to="amq.rabbitmq.reply-to.abc.def", correlation_id="c-1"),
-    BasicProperties(reply_to="amq.gen-q", correlation_id=None),
-    BasicProperties(reply_to=None, correlation_id="x" * 255),
-    BasicProperties(content_type="text/plain", reply_to="q", correlation_id="ünï",
-                    headers={"accept": "application/octet-stream", "x-deadline-ms": 1234567890123,
-                             "nested": {"a": [1, 2, b"x"]}}),
-    BasicProperties(content_type="a", content_encoding="b", headers={}, delivery_mode=2, priority=5,
-                    correlation_id="c", reply_to="r", expiration="60000", message_id="m", timestamp=1700000000,
-                    type="t", user_id="guest", app_id="app", cluster_id="cl"),
-]
-
-
-@pytest.mark.parametrize("props", PROPS, ids=range(len(PROPS)))
-@pytest.mark.parametrize("body", [b"", b"20", b"1" * 64, bytes(70000)], ids=["empty", "20", "64", "70000"])
-def test_fast_decoder_agrees_with_pika_at_every_split(props, body):
-    data = b"".join(_delivery_bytes(1, "ctag", tag, props, body) for tag in (1, 2, 3))
-    if len(body) > 1000:
-        splits = [1, 7, 8, 100, len(data) // 2, len(data) - 1]
-    else:
-        splits = range(1, len(data))
-    for split in splits:
-        conn = _StubConnection()
-        conn.set_fast_deliveries(1, "ctag", lambda tag, p, b, conn=conn: conn.fast_calls.append((tag, p, b)))
-        conn._on_data_available(data[:split])
-        conn._on_data_available(data[split:])
-        assert conn.bytes_received == len(data)  # the heartbeat checker reads it
-        if len(body) > 65536:  # left to pika, frame by frame
-            assert conn.fast_calls == [] and len(conn.pika_frames) == 3 * 3
-            continue
-        assert conn.pika_frames == [] and conn._frame_buffer == b""
-        assert [c[0] for c in conn.fast_calls] == [1, 2, 3]
-        for _, got, got_body in conn.fast_calls:
-            assert got_body == body
-            assert (got.reply_to, got.correlation_id, got.headers) == (props.reply_to, props.correlation_id,
-                                                                       props.headers)
-        assert conn.frames_received == 3 * (2 + (1 if body else 0))
-
-
-def test_fast_decoder_leaves_other_consumers_channels_and_frames_to_pika():
-    from pika import frame, spec
-
-    props = BasicProperties(reply_to="q", correlation_id="c")
-    data = (_delivery_bytes(1, "other-consumer", 1, props, b"5")
-            + frame.Heartbeat().marshal()
-            + _delivery_bytes(2, "ctag", 2, props, b"6")
-            + frame.Method(1, spec.Basic.CancelOk(consumer_tag="x")).marshal()
-            + _delivery_bytes(1, "ctag", 3, props, b"7"))
-    conn = _StubConnection()
-    conn.set_fast_deliveries(1, "ctag", lambda *a: conn.fast_calls.append(a))
-    conn._on_data_available(data)
-    assert [(t, b) for t, _, b in conn.fast_calls] == [(3, b"7")]
-    kinds = [type(f).__name__ for f in conn.pika_frames]
-    assert kinds == ["Method", "Header", "Body", "Heartbeat", "Method", "Header", "Body", "Method"]
-    conn.clear_fast_deliveries()
-    conn.pika_frames.clear()
-    conn._on_data_available(_delivery_bytes(1, "ctag", 4, props, b"8"))
-    assert len(conn.fast_calls) == 1 and len(conn.pika_frames) == 3
-
-
-def test_fast_decoder_hands_a_corrupt_stream_to_pika():
-    import pika.exceptions
-
-    conn = _StubConnection()
-    conn.set_fast_deliveries(1, "ctag", lambda *a: conn.fast_calls.append(a))
-    bad = bytearray(_delivery_bytes(1, "ctag", 1, BasicProperties(reply_to="q"), b"5"))
-    bad[-1] = 0x00  # the body frame's frame-end octet
-    with pytest.raises(pika.exceptions.InvalidFrameError):
-        conn._on_data_available(bytes(bad))
-    assert conn.fast_calls == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,25 +32,38 @@ class Job:
     hot large n, the first computation serves them all (then the cache does).
     """
 
-    __slots__ = ("channel", "n", "fmt", "waiters", "body", "error", "skipped")
+    __slots__ = ("channel", "n", "fmt", "waiters", "deadline_ms", "body", "error", "skipped", "expired")
 
     def __init__(self, channel, n: int, fmt: str, tag: int, reply_to: str, correlation_id,
-                 start: float | None = None) -> None:
+                 start: float | None = None, deadline_ms: int | None = None) -> None:
         self.channel = channel
         self.n = n
         self.fmt = fmt
         # (delivery tag, reply_to, correlation_id, when it was received: perf_counter() or None)
         self.waiters: list[tuple[int, str, Any, float | None]] = [(tag, reply_to, correlation_id, start)]
+        #: The latest x-deadline-ms of the waiters (Unix ms), None when one of them has none.
+        self.deadline_ms = deadline_ms
         self.body: bytes | None = None
         self.error: BaseException | None = None
         self.skipped = False
+        #: Set by the compute thread: every waiter's deadline had passed when the job's turn came.
+        self.expired = False
+
+    def add_waiter(self, tag: int, reply_to: str, correlation_id, start: float | None,
+                   deadline_ms: int | None) -> None:
+        """Another request for the same (n, format)."""
+        self.waiters.append((tag, reply_to, correlation_id, start))
+        if self.deadline_ms is not None:
+            self.deadline_ms = None if deadline_ms is None else max(self.deadline_ms, deadline_ms)
 
 
 class ComputeThread:
     """Runs :class:`Job` s with ``compute(n, fmt) -> bytes`` and posts each back, done, to ``on_done``.
 
     A job is skipped (``job.skipped``) instead of computed when the worker is
-    draining (:attr:`draining`: a graceful stop) or the job's channel is gone.
+    draining (:attr:`draining`: a graceful stop) or the job's channel is gone,
+    and dropped (``job.expired``) when the deadline of every request waiting
+    for it passed while it was queued: a backlog does not compute late work.
     """
 
     def __init__(self, compute: Callable[[int, str], bytes], post: Callable[[Callable[[], None]], None],
@@ -85,6 +99,8 @@ class ComputeThread:
                 return
             if self.draining or not job.channel.is_open:
                 job.skipped = True
+            elif job.deadline_ms is not None and time.time() * 1000.0 > job.deadline_ms:
+                job.expired = True
             else:
                 try:
                     job.body = compute(job.n, job.fmt)

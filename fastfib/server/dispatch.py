@@ -38,7 +38,7 @@ from .. import protocol
 from ..cache import ReplyCache
 from ..errors import InternalServerError, RemoteError
 from ..limits import ReplySizeLimit
-from ..wire import CONTENT_TYPE_SHORTSTR, ReplyEncoder
+from ..wire import CONTENT_TYPE_SHORTSTR, BadDelivery, Delivery, ReplyEncoder, frame_count
 from .acks import AckBatcher
 from .closes import RefusalMemory
 from .compute import ComputeThread, Job
@@ -54,6 +54,17 @@ log = logging.getLogger(__name__)
 _clock = time.perf_counter
 _DIRECT_REPLY_PREFIX = protocol.DIRECT_REPLY_TO + "."
 _ERROR_HEADERS = {kind: {protocol.HEADER_ERROR: kind} for kind in protocol.ERROR_KINDS}
+
+
+def _deadline_ms(headers) -> int | None:
+    """The request's x-deadline-ms (Unix ms) as :func:`fastfib.protocol.deadline_passed` reads it, or None."""
+    deadline = headers.get(protocol.HEADER_DEADLINE) if headers else None
+    if deadline is None or isinstance(deadline, bool):
+        return None
+    try:
+        return int(deadline)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 class Dispatcher:
@@ -110,6 +121,7 @@ class Dispatcher:
         self._log_no_reply_to = RateLimitedLog(log, logging.WARNING)
         self._log_bad_reply_to = RateLimitedLog(log, logging.WARNING)
         self._log_internal = RateLimitedLog(log, logging.ERROR, interval=1.0)
+        self._log_undecodable = RateLimitedLog(log, logging.WARNING)
 
     def bind(self, channel, encoder: ReplyEncoder | None = None,
              write_frames: Callable[[list, int], None] | None = None) -> None:
@@ -137,6 +149,15 @@ class Dispatcher:
         self._refusals_seen = True
         self._recent.clear()
 
+    def poll(self) -> None:
+        """Periodic housekeeping (the worker's tick): the reply guard's probe timeouts."""
+        self.reply_guard.poll()
+
+    @property
+    def recent_replies(self) -> Iterable[tuple[int, str]]:
+        """(n, format) of the latest replies published on this channel."""
+        return tuple(self._recent)
+
     def close(self) -> None:
         """Stop the reply guard's thread."""
         self.reply_guard.stop()
@@ -145,13 +166,47 @@ class Dispatcher:
 
     def on_message(self, channel, method, props: BasicProperties, body: bytes) -> None:
         """pika's delivery callback (deliveries the fast path left to pika)."""
+        if method.redelivered:
+            self.stats.redelivered += 1
         self.handle(channel, method.delivery_tag, props, body)
 
-    def on_fast_delivery(self, tag: int, props, body: bytes) -> None:
-        """A delivery decoded by the connection itself (:mod:`fastfib.pika_seam`)."""
+    def on_fast_delivery(self, delivery: Delivery | BadDelivery) -> None:
+        """A delivery decoded by the connection itself (:mod:`fastfib.pika_seam`, :mod:`fastfib.wire`)."""
         channel = self.channel
-        if channel is not None and channel.is_open:
-            self.handle(channel, tag, props, body)
+        if channel is None or not channel.is_open:
+            return
+        if delivery.redelivered:
+            self.stats.redelivered += 1
+        if type(delivery) is BadDelivery:
+            self.stats.received += 1
+            self.settle_undecodable(channel, delivery)
+        else:
+            self.handle(channel, delivery.delivery_tag, delivery.properties, delivery.body)
+
+    def settle_undecodable(self, channel, bad: BadDelivery, vetted: bool | None = None) -> None:
+        """A delivery whose properties do not decode: an ``invalid_argument`` reply when its ``reply_to``
+        could be read (and is safe to reply to), then rejected without requeue (dead-lettered, if the
+        queue says so): redelivering it would fail the same way. Never raises."""
+        try:
+            reply_to = bad.reply_to
+            if vetted is not None:  # the reply guard's verdict on its name, held for it (_on_vetted)
+                usable = vetted
+            else:
+                usable = type(reply_to) is str and bool(reply_to) and self.reply_guard.verdict(reply_to)
+            if usable is None:  # settled once the broker has vetted the name's pid (_on_vetted)
+                self.reply_guard.hold(reply_to, (channel, bad), self._on_vetted, self._current_url())
+                self._acks.inflight.add(bad.delivery_tag)
+                return
+            self.stats.undecodable += 1
+            self._log_undecodable("undecodable request (correlation_id %r, reply_to %r): %s: %s; rejected "
+                                  "without requeue", bad.correlation_id, reply_to,
+                                  type(bad.error).__name__, str(bad.error)[:200])
+            if usable:
+                self._reply_error(channel, reply_to, bad.correlation_id, protocol.KIND_INVALID_ARGUMENT,
+                                  f"the request's properties cannot be decoded ({type(bad.error).__name__})")
+            channel.basic_reject(bad.delivery_tag, requeue=False)
+        except Exception:  # the channel is gone (the broker redelivers it), or a bug: never into the transport
+            self._log_internal("cannot settle the undecodable request %d", bad.delivery_tag, exc_info=True)
 
     def handle(self, channel, tag: int, props, body: bytes, vetted: bool = False) -> None:
         """Serve one request (``props``: reply_to, correlation_id, headers) delivered on ``channel``.
@@ -172,7 +227,8 @@ class Dispatcher:
             if not vetted and (type(reply_to) is not str or reply_to.startswith(_DIRECT_REPLY_PREFIX)):
                 ok = self.reply_guard.verdict(reply_to)
                 if ok is None:  # held until the broker has vetted the name's pid (_on_vetted)
-                    self.reply_guard.hold(reply_to, (channel, tag, props, body), self._on_vetted, self._current_url())
+                    self.reply_guard.hold(reply_to, (channel, (tag, props, body)), self._on_vetted,
+                                          self._current_url())
                     self._acks.inflight.add(tag)  # so that no multiple ack covers it, and a stop waits for it
                     return
                 if not ok:
@@ -202,11 +258,13 @@ class Dispatcher:
                 if payload is None:
                     self._acks.inflight.add(tag)
                     job = self._computing.get(key)
+                    deadline_ms = _deadline_ms(headers)
                     if job is not None:
-                        job.waiters.append((tag, reply_to, props.correlation_id, start))
+                        job.add_waiter(tag, reply_to, props.correlation_id, start, deadline_ms)
                     else:
                         self.stats.offloaded += 1
-                        job = self._computing[key] = Job(channel, n, fmt, tag, reply_to, props.correlation_id, start)
+                        job = self._computing[key] = Job(channel, n, fmt, tag, reply_to, props.correlation_id, start,
+                                                         deadline_ms)
                         self._computer.submit(job)
                     return
                 self.stats.cache_hits += 1
@@ -228,14 +286,19 @@ class Dispatcher:
 
     def _on_vetted(self, item: tuple, ok: bool) -> None:
         """The reply guard's verdict on a held request (on the I/O thread)."""
-        channel, tag, props, body = item
+        channel, held = item
         if channel is self.channel and channel.is_open:  # else redelivered on the new channel
-            self._acks.inflight.discard(tag)
-            if ok:
-                self.stats.received -= 1  # counted when it arrived
-                self.handle(channel, tag, props, body, vetted=True)
+            if type(held) is BadDelivery:
+                self._acks.inflight.discard(held.delivery_tag)
+                self.settle_undecodable(channel, held, vetted=ok)
             else:
-                self._drop_unusable(tag, props.reply_to)
+                tag, props, body = held
+                self._acks.inflight.discard(tag)
+                if ok:
+                    self.stats.received -= 1  # counted when it arrived
+                    self.handle(channel, tag, props, body, vetted=True)
+                else:
+                    self._drop_unusable(tag, props.reply_to)
         self._on_settled()
 
     def _drop_unusable(self, tag: int, reply_to) -> None:
@@ -245,15 +308,6 @@ class Dispatcher:
         self._log_bad_reply_to("request with an unusable reply_to %r acknowledged and dropped", reply_to[:80])
         self._acks.done(tag)
 
-    def poll(self) -> None:
-        """Periodic housekeeping (the worker's tick): the reply guard's probe timeouts."""
-        self.reply_guard.poll()
-
-    @property
-    def recent_replies(self) -> Iterable[tuple[int, str]]:
-        """(n, format) of the latest replies published on this channel."""
-        return tuple(self._recent)
-
     # ------------------------------------------------------------ replies
 
     def _reply(self, channel, reply_to: str, correlation_id, fmt: str, payload: bytes,
@@ -261,7 +315,7 @@ class Dispatcher:
         encoder = self._encoder
         if encoder is not None and channel is self.channel:
             pieces = encoder.frames(reply_to, CONTENT_TYPE_SHORTSTR[fmt], correlation_id, payload)
-            self._write_frames(pieces, 2 + (len(pieces) - 2) // 3)
+            self._write_frames(pieces, frame_count(pieces))
         else:
             props = BasicProperties(content_type=protocol.CONTENT_TYPES[fmt], correlation_id=correlation_id)
             channel.basic_publish("", reply_to, payload, props)
@@ -299,10 +353,12 @@ class Dispatcher:
 
     def on_computed(self, job: Job) -> None:
         """A job back from the compute thread (on the I/O thread): reply to its waiters."""
+        key = (job.n, job.fmt)
+        if job.body is not None:  # even if its channel is gone: the redelivered requests cost a lookup
+            self.cache.put(key, job.body)
         channel = job.channel
         if channel is not self.channel or not channel.is_open:
             return  # that channel is gone; the broker redelivers the requests
-        key = (job.n, job.fmt)
         if self._computing.get(key) is job:
             del self._computing[key]
         inflight = self._acks.inflight
@@ -313,6 +369,13 @@ class Dispatcher:
             for tag, *_ in job.waiters:
                 self.stats.requeued_on_stop += 1
                 channel.basic_reject(tag, requeue=True)
+        elif job.expired:
+            # Every waiter's deadline passed while the job was queued: acknowledged without an answer.
+            for tag, _, correlation_id, _ in job.waiters:
+                self.stats.expired += 1
+                log.debug("request %r past its deadline when its F(%d) came up: acknowledged without an answer",
+                          correlation_id, job.n)
+                self._acks.done(tag)
         elif job.error is not None:
             try:
                 raise job.error
@@ -320,7 +383,6 @@ class Dispatcher:
                 for tag, reply_to, correlation_id, start in job.waiters:
                     self._internal_error(channel, tag, reply_to, correlation_id, f"computing F({job.n})", start)
         else:
-            self.cache.put(key, job.body)
             for tag, reply_to, correlation_id, start in job.waiters:
                 self._reply(channel, reply_to, correlation_id, job.fmt, job.body, start)
                 self._acks.done(tag)

@@ -10,10 +10,19 @@ flight and close.
 
 What happens to each request is :mod:`.dispatch`'s job, large F(n) are
 :mod:`.compute`'s, acknowledgements :mod:`.acks`'.
+
+On the ``fast`` wire (the default) the connection is
+:class:`fastfib.pika_seam.CoalescingConnection`: it decodes the worker's
+deliveries and writes its replies with :mod:`fastfib.wire`. On the ``pika``
+wire (``--wire pika``, or when the seam's startup self-check fails with the
+installed pika) it is a plain ``pika.SelectConnection`` and the worker uses
+pika's public API only: ``basic_consume``'s callback, ``basic_publish``,
+``basic_ack``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -26,10 +35,10 @@ import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
+from .. import pika_seam
 from ..cache import ReplyCache
 from ..exitcodes import EXIT_ACCESS_REFUSED, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from ..logs import configure_logging, mask_url
-from ..pika_seam import CoalescingConnection
 from ..wire import ReplyEncoder
 from .acks import AckBatcher
 from .closes import Backoff, Cause, classify, describe, fatal_reason
@@ -42,6 +51,17 @@ if TYPE_CHECKING:
     from ..metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def wire_works() -> bool:
+    """Whether the fast wire works with the installed pika (:func:`fastfib.pika_seam.self_check`), checked
+    once per process; when it does not, one warning says so."""
+    problem = pika_seam.self_check()
+    if problem is not None:
+        log.warning("the fast wire does not work with the installed pika %s (%s); running on pika's public API "
+                    "instead, as with --wire pika", pika.__version__, problem)
+    return problem is None
 
 _TICK = 0.2  # seconds between checks for a stop request and the supervisor's death, and metrics flushes
 
@@ -85,8 +105,10 @@ class Worker:
         self._doing = "connecting"  # what a close interrupts (fastfib.server.closes.DOING)
         self._pending_cause: Cause | None = None  # a channel close that made us close the connection
 
+        #: "fast" or "pika" (WorkerConfig.wire); "fast" turns to "pika" in run() if the seam's check fails.
+        self.wire = config.wire
         self._ioloop = IOLoop()
-        self._connection: CoalescingConnection | None = None
+        self._connection: pika.SelectConnection | None = None
         self._channel = None
         self._consumer_tag: str | None = None
         self._passive_declare = False
@@ -118,6 +140,8 @@ class Worker:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
         self._watch_parent = watch_parent
+        if self.wire == "fast" and not wire_works():
+            self.wire = "pika"
         self.computer.start(self.dispatcher.on_computed)
         self._ioloop.call_later(_TICK, self._tick)
         self._connect()
@@ -170,14 +194,13 @@ class Worker:
         self._reconnect_timer = None
         i = self._url_index
         log.debug("connecting to %s", self._masked[i])
-        self._connection = CoalescingConnection(
-            parameters=self._params[i],
-            on_open_callback=self._on_connection_open,
-            on_open_error_callback=self._on_connection_open_error,
-            on_close_callback=self._on_connection_closed,
-            custom_ioloop=self._ioloop,
-            before_flush=self.acks.flush,
-        )
+        callbacks = dict(parameters=self._params[i], on_open_callback=self._on_connection_open,
+                         on_open_error_callback=self._on_connection_open_error,
+                         on_close_callback=self._on_connection_closed, custom_ioloop=self._ioloop)
+        if self.wire == "fast":
+            self._connection = pika_seam.CoalescingConnection(**callbacks, before_flush=self.acks.flush)
+        else:
+            self._connection = pika.SelectConnection(**callbacks)
 
     def _on_connection_open(self, connection) -> None:
         if connection is not self._connection:
@@ -257,13 +280,15 @@ class Worker:
         """Make ``channel`` (None: none) the worker's; what was in flight on the old one is redelivered."""
         self._channel = channel
         connection = self._connection
-        if connection is not None:
-            connection.clear_fast_deliveries()
+        self._clear_fast_deliveries()
         if channel is None:
             self.acks.bind(None)
             self.dispatcher.bind(None)
         elif connection is None:  # not connected through us (unit tests drive a fake channel)
             self.acks.bind(channel)
+            self.dispatcher.bind(channel)
+        elif self.wire == "pika":
+            self.acks.bind(channel, functools.partial(self._ioloop.call_later, 0, self.acks.flush))
             self.dispatcher.bind(channel)
         else:
             self.acks.bind(channel, connection.request_flush)
@@ -290,21 +315,25 @@ class Worker:
         channel = self._channel
         self._consumer_tag = channel.basic_consume(self.config.queue, self.dispatcher.on_message,
                                                    callback=self._on_consume_ok)
-        self._connection.set_fast_deliveries(channel.channel_number, self._consumer_tag,
-                                             self.dispatcher.on_fast_delivery)
+        if self.wire == "fast":
+            self._connection.set_fast_deliveries(channel.channel_number, self._consumer_tag,
+                                                 self.dispatcher.on_fast_delivery)
+
+    def _clear_fast_deliveries(self) -> None:
+        if self.wire == "fast" and self._connection is not None:
+            self._connection.clear_fast_deliveries()
 
     def _on_consume_ok(self, frame) -> None:
         self._doing = "serving"
         self._backoff.healthy()
-        log.info("consuming from queue %r on %s (prefetch %d)", self.config.queue,
-                 self._masked[self._url_index], self.config.prefetch)
+        log.info("consuming from queue %r on %s (prefetch %d, wire %s)", self.config.queue,
+                 self._masked[self._url_index], self.config.prefetch, self.wire)
         self._on_event("consuming", self._masked[self._url_index])
 
     def _on_consumer_cancelled(self, frame) -> None:
         # The broker cancelled our consumer: the queue was deleted. Declare it again and resume.
         self._consumer_tag = None
-        if self._connection is not None:
-            self._connection.clear_fast_deliveries()
+        self._clear_fast_deliveries()
         if self._stopping:
             self._maybe_finish_stop()
             return
@@ -397,7 +426,7 @@ class Worker:
             self._ioloop.stop()
         elif channel is not None and channel.is_open and self._consumer_tag is not None:
             # Deliveries that arrive after this are rejected (requeued) by pika itself.
-            connection.clear_fast_deliveries()
+            self._clear_fast_deliveries()
             channel.basic_cancel(self._consumer_tag, callback=self._on_cancelok)
         elif connection.is_open:
             self._finish_stop()

@@ -21,6 +21,22 @@ DEFAULT_INLINE_MAX_N = 20_000
 
 #: Default prefetch (basic.qos prefetch_count) per worker.
 DEFAULT_PREFETCH = 64
+#: basic.qos prefetch_count is a 16-bit field: anything larger cannot be sent.
+MAX_PREFETCH = 65535
+
+#: The largest --inline-max-n: n up to it are computed on the I/O thread, which meanwhile serves
+#: nothing else and sends no heartbeat. F(10^6) costs about 90 ms in decimal (docs/server.md); that
+#: is the longest stall allowed, far below any heartbeat timeout. At 10^7 it is 0.7 s per request.
+MAX_INLINE_MAX_N = 10**6
+
+#: The largest --max-n: the largest n whose decimal reply fits a message of 128 MiB, RabbitMQ 3.x's
+#: default max_message_size (F(642228067) has 134217728 digits). A larger n could be computed, but its
+#: reply would be refused by the broker. (The kernel's own limit, fastfib.MAX_N, is 10^9.)
+MAX_SERVED_N = 642_228_067
+
+#: ``--wire`` values: ``fast`` decodes deliveries and encodes replies itself (fastfib.wire, through
+#: fastfib.pika_seam); ``pika`` uses pika's public API only.
+WIRES = ("fast", "pika")
 
 #: ``--queue-type`` values. quorum (durable) is how the current RabbitMQ tutorial declares
 #: ``rpc_queue``; ``classic`` with ``queue_durable=False`` is the seed tutorial's transient queue.
@@ -61,6 +77,8 @@ class WorkerConfig:
     delivery_limit: int | None = None
     #: Export the worker's counters to prometheus_client's multiprocess files (fastfib.metrics).
     metrics: bool = False
+    #: How the worker speaks AMQP on its hot path (WIRES).
+    wire: str = "fast"
 
     def queue_declaration(self) -> tuple[bool, dict[str, Any] | None]:
         """``(durable, arguments)`` for ``queue_declare``.

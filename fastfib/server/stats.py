@@ -23,6 +23,10 @@ class Stats:
     errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(protocol.ERROR_KINDS, 0))
     no_reply_to: int = 0
     expired: int = 0
+    #: Deliveries the broker marked redelivered (a worker died or gave them back before).
+    redelivered: int = 0
+    #: Deliveries that could not be decoded: rejected without requeue (an error reply if possible).
+    undecodable: int = 0
     offloaded: int = 0
     cache_hits: int = 0
     requeued_on_stop: int = 0
