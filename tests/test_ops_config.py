@@ -240,3 +240,11 @@ def test_configure_logging_json_writes_one_object_per_line(monkeypatch):
 def test_choice_parser_messages():
     with pytest.raises(argparse.ArgumentTypeError, match="choose from text, json"):
         cfg.choice("text", "json")("yaml")
+
+
+def test_wire_from_flag_env_and_default():
+    assert settings([]).worker.wire == "fast"
+    assert settings([], {"FASTFIB_WIRE": "pika"}).worker.wire == "pika"
+    assert settings(["--wire", "fast"], {"FASTFIB_WIRE": "pika"}).worker.wire == "fast"
+    with pytest.raises(cfg.ConfigError, match="FASTFIB_WIRE"):
+        settings([], {"FASTFIB_WIRE": "fastest"})
