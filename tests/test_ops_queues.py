@@ -58,7 +58,7 @@ def test_quorum_queue_dead_letters_a_poison_request_after_the_delivery_limit(que
     dlx, channel, connection = dead_letters
     limit = 2
     args = ("--queue-type", "quorum", "--dead-letter-exchange", dlx, "--dead-letter-routing-key", "poisoned",
-            "--delivery-limit", str(limit), "--max-n", str(10**9))
+            "--delivery-limit", str(limit), "--max-n", str(3 * 10**8))
     with ServePool.on(queue, *args, workers=1) as pool, RpcClient(queue) as client:
         pool.wait_ready()
         row = queue_row(queue)
