@@ -119,7 +119,7 @@ def test_bad_url_in_the_environment_is_a_usage_error_without_the_password():
     (["--max-n", str(10**10)], "above the kernel's limit"),
     (["--max-n", "642228068"], "decimal reply fits"),
     (["--prefetch", "65536"], "above 65535"),
-    (["--inline-max-n", "1000001"], "I/O thread"),
+    (["--inline-max-n", "2000001"], "I/O thread"),
 ])
 def test_inconsistent_settings_are_usage_errors(argv, says):
     with pytest.raises(cfg.ConfigError, match=says):
@@ -133,7 +133,7 @@ def test_inconsistent_settings_exit_2():
 
 @pytest.mark.parametrize("argv, says", [
     (["--prefetch", "70000"], "--prefetch 70000 is above 65535"),
-    (["--inline-max-n", "10000000"], "--inline-max-n 10000000 is above 1000000"),
+    (["--inline-max-n", "10000000"], "--inline-max-n 10000000 is above 2000000"),
     (["--max-n", "700000000"], "--max-n 700000000 is above 642228067"),
 ])
 def test_settings_out_of_bounds_exit_2_with_a_clear_message(argv, says):
@@ -142,8 +142,8 @@ def test_settings_out_of_bounds_exit_2_with_a_clear_message(argv, says):
 
 
 def test_the_bounds_themselves_are_accepted():
-    v = settings(["--prefetch", "65535", "--inline-max-n", str(10**6), "--max-n", "642228067"]).worker
-    assert (v.prefetch, v.inline_max_n, v.max_n) == (65535, 10**6, 642228067)
+    v = settings(["--prefetch", "65535", "--inline-max-n", str(2 * 10**6), "--max-n", "642228067"]).worker
+    assert (v.prefetch, v.inline_max_n, v.max_n) == (65535, 2 * 10**6, 642228067)
 
 
 # ------------------------------------------------------------------------------ queues
@@ -248,3 +248,11 @@ def test_configure_logging_json_writes_one_object_per_line(monkeypatch):
 def test_choice_parser_messages():
     with pytest.raises(argparse.ArgumentTypeError, match="choose from text, json"):
         cfg.choice("text", "json")("yaml")
+
+
+def test_wire_from_flag_env_and_default():
+    assert settings([]).worker.wire == "fast"
+    assert settings([], {"FASTFIB_WIRE": "pika"}).worker.wire == "pika"
+    assert settings(["--wire", "fast"], {"FASTFIB_WIRE": "pika"}).worker.wire == "fast"
+    with pytest.raises(cfg.ConfigError, match="FASTFIB_WIRE"):
+        settings([], {"FASTFIB_WIRE": "fastest"})
