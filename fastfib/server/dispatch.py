@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pika.spec import BasicProperties
@@ -97,7 +97,6 @@ class Dispatcher:
         self._acks = acks
         self._computer = computer
         self._compute = compute
-        self._post = post
         self._current_url = current_url
         self._on_settled = on_settled
         #: The reply-time histogram (metrics on), or None.
@@ -152,11 +151,6 @@ class Dispatcher:
     def poll(self) -> None:
         """Periodic housekeeping (the worker's tick): the reply guard's probe timeouts."""
         self.reply_guard.poll()
-
-    @property
-    def recent_replies(self) -> Iterable[tuple[int, str]]:
-        """(n, format) of the latest replies published on this channel."""
-        return tuple(self._recent)
 
     def close(self) -> None:
         """Stop the reply guard's thread."""
