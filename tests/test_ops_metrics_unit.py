@@ -219,5 +219,5 @@ def test_missing_prometheus_client_is_reported(monkeypatch):
         return real_import(name, *args, **kw)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    with pytest.raises(fm.MetricsUnavailable, match=r"pip install 'fastfib\[metrics\]'"):
+    with pytest.raises(fm.MetricsUnavailable, match=r"\[metrics\] extra .*: pip install prometheus_client$"):
         fm.require_prometheus()
