@@ -46,3 +46,10 @@ def test_bench_without_its_extra_says_which_extra(tmp_path):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "[bench] extra" in lines[0] and "pip install '.[bench]'" in lines[0], proc.stderr
+
+
+def test_fastfib_demo_checks_the_kernel_without_a_broker():
+    proc = subprocess.run([sys.executable, "-m", "fastfib", "demo"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "compiled kernel" in proc.stdout and "F(100) = 354224848179261915075" in proc.stdout
