@@ -132,12 +132,14 @@ def default_server(broker_url):
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.id)
-def test_python_block_runs(block, default_server, tmp_path):
+def test_python_block_runs(block, default_server, broker_url, tmp_path):
     compiled = compile(block.code, block.id, "exec")
     if block.compile_only is not None:
         return  # marked, with its reason, as not runnable here: compiling it is the check
     assert compiled
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # The blocks call with url=None and the default queue: point them at the test broker and the fixture's queue.
+    env = {k: v for k, v in os.environ.items() if k != "FASTFIB_QUEUE"}
+    env.update(PYTHONPATH=str(ROOT), FASTFIB_URL=broker_url)
     proc = subprocess.run([sys.executable, "-c", block.code], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, f"{block.id} failed:\n{proc.stderr}"
