@@ -61,6 +61,13 @@ class BuildExt(build_ext):
                 ext.runtime_library_dirs.append(os.path.abspath(libs))
         super().run()
 
+    def build_extensions(self):
+        # Some interpreters (pyenv's, for one) put an rpath to their own lib/ into
+        # LDSHARED; the extension needs no libpython, and a wheel must not carry
+        # a path of the build machine: gmpy2.libs is its only rpath.
+        self.compiler.linker_so = [a for a in self.compiler.linker_so if not a.startswith("-Wl,-rpath")]
+        super().build_extensions()
+
     def copy_file(self, infile, outfile, *args, **kwargs):
         # Only copy_extensions_to_source copies here: the built library onto the checkout's.
         tmp = f"{outfile}.tmp-{os.getpid()}"

@@ -12,12 +12,20 @@ failed (a wrong or lost reply, a server that would not start, an interrupt),
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from . import harness
+# One clear line, rather than a ModuleNotFoundError, when the [bench] extra is missing.
+for _name in ("psutil", "hdrh", "rich", "matplotlib", "pytest_benchmark"):
+    try:
+        importlib.import_module(_name)
+    except ImportError as _exc:
+        sys.exit(f"python -m bench needs the [bench] extra ({_exc}); from the repository root: pip install '.[bench]'")
+
+from . import harness  # noqa: E402
 
 DEFAULT_OUT = harness.ROOT / "bench" / "results" / "latest"
 ALL_SERVERS = ("echo", "naive", "gmpy2", "fastfib", "nocache", "pikawire", "client")

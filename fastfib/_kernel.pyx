@@ -19,6 +19,17 @@ With ``threads=2`` the two squarings of a step run on two threads, and the
 last multiplication is split into two half-products (docs/kernel.md).
 """
 
+# The kernel needs a 64-bit unsigned long: the n <= 93 table goes through
+# mpz_set_ui and size estimates are unsigned long. Elsewhere results would be
+# silently wrong, so the build stops (tests/test_build_guard.py).
+cdef extern from *:
+    """
+    #include <limits.h>
+    #if !defined(ULONG_MAX) || ULONG_MAX != 0xFFFFFFFFFFFFFFFFUL
+    #error "fastfib needs a 64-bit unsigned long (an LP64 platform such as x86_64 or aarch64 Linux): the kernel would compute wrong results with this compiler's 32-bit unsigned long"
+    #endif
+    """
+
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.long cimport PyLong_AsLongAndOverflow

@@ -158,7 +158,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            help="text: human-readable lines; json: one JSON object per line"),
     Option("--metrics-port", "FASTFIB_METRICS_PORT", port, None, metavar="PORT",
            help="serve Prometheus metrics (/metrics) and a health check (/healthz) on this port; 0 picks a free "
-                "port (logged). Needs prometheus_client (pip install 'fastfib[metrics]')", shown_default="off"),
+                "port (logged). Needs prometheus_client, the [metrics] extra (pip install prometheus_client)", shown_default="off"),
     Option("--metrics-host", "FASTFIB_METRICS_HOST", non_empty, DEFAULT_METRICS_HOST, metavar="HOST",
            help="address the metrics endpoint listens on"),
     Option("--queue-type", "FASTFIB_QUEUE_TYPE", choice(*QUEUE_TYPES), "quorum",

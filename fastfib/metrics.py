@@ -79,7 +79,7 @@ def require_prometheus() -> None:
     except ImportError as exc:
         raise MetricsUnavailable(
             f"--metrics-port needs prometheus_client, which cannot be imported ({exc}); "
-            "install it with: pip install 'fastfib[metrics]'"
+            "install fastfib's [metrics] extra into its environment: pip install prometheus_client"
         ) from None
 
 

@@ -27,6 +27,7 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
+        self.accepted = 0  # connections accepted so far (so a test can count connection attempts)
 
     @property
     def url(self) -> str:
@@ -48,6 +49,7 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
+            self.accepted += 1
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:

@@ -79,8 +79,12 @@ def test_request_properties(broker_url, queue, fmt):
     accept = {"binary": protocol.CONTENT_BINARY, "decimal": protocol.CONTENT_DECIMAL}[fmt]
     for (props, _body), t in zip(server.requests, [7, 3], strict=True):
         assert props.headers[protocol.HEADER_ACCEPT] == accept
-        assert t * 1000 - 500 <= int(props.expiration) <= t * 1000
-        assert before * 1000 + t * 1000 - 1000 <= props.headers[protocol.HEADER_DEADLINE] <= (time.time() + t) * 1000
+        deadline = props.headers[protocol.HEADER_DEADLINE]
+        assert before * 1000 + t * 1000 - 1000 <= deadline <= (time.time() + t) * 1000
+        # expiration = what is left of the timeout at publish time, so deadline - expiration is
+        # the (wall-clock) publish time, which lies inside this test's window however slow the machine.
+        assert 1 <= int(props.expiration) <= t * 1000
+        assert before * 1000 - 5 <= deadline - int(props.expiration) <= time.time() * 1000 + 5
         assert len(props.correlation_id) == 32
     assert [body for _, body in server.requests] == [b"10", b"11"]
 
@@ -167,13 +171,12 @@ def test_call_many_errors(broker_url, queue):
 
 def test_unroutable_raised_at_once(broker_url, queue):
     async def main():
+        # "At once": Unroutable, not the RpcTimeout that waiting out the 20 s timeout would raise.
         async with AsyncFibonacciRpcClient(broker_url, queue, timeout=20) as client:
-            start = time.monotonic()
             with pytest.raises(Unroutable, match=queue):
                 await client.call(5)
             results = await asyncio.gather(*(client.call(n) for n in range(50)), return_exceptions=True)
             assert all(isinstance(r, Unroutable) for r in results)
-            assert time.monotonic() - start < 2
 
     run(main())
 
@@ -190,7 +193,7 @@ def test_timeout_without_consumer_and_the_request_expires(broker_url, queue):
             with pytest.raises(RpcTimeout, match="no consumer") as info:
                 await call
             assert isinstance(info.value, TimeoutError)
-            assert 2.0 <= time.monotonic() - start < 3.5
+            assert time.monotonic() - start >= 2.0  # not before its timeout (load can only lengthen it)
 
     run(main())
     end = time.monotonic() + 5
@@ -203,9 +206,14 @@ def test_many_concurrent_timeouts(broker_url, queue):
     async def main():
         async with AsyncFibonacciRpcClient(broker_url, queue) as client:
             start = time.monotonic()
+            with pytest.raises(RpcTimeout):
+                await client.call(0, timeout=0.5)
+            one = time.monotonic() - start
+            start = time.monotonic()
             results = await asyncio.gather(*(client.call(n, timeout=0.5) for n in range(200)), return_exceptions=True)
             assert all(isinstance(r, RpcTimeout) and "1 consumer" in str(r) for r in results)
-            assert time.monotonic() - start < 3
+            # The 200 timeouts run side by side: one after the other would take 200 times as long as one.
+            assert time.monotonic() - start < 20 * one
 
     with FixtureServer(queue, silent_handler):
         run(main())
@@ -284,7 +292,7 @@ def test_connection_lost_and_not_restored_within_timeout(queue):
             start = time.monotonic()
             results = await asyncio.gather(*(client.call(n, timeout=2) for n in range(10)), return_exceptions=True)
             assert all(isinstance(r, ConnectionLost) for r in results), results
-            assert 1.9 < time.monotonic() - start < 4
+            assert time.monotonic() - start > 1.9  # they kept trying to reconnect until the timeout
             # The broker comes back: the same client recovers on the next call.
             proxy.start()
             server.handler = conformant_handler()
@@ -299,21 +307,22 @@ def test_connection_lost_and_not_restored_within_timeout(queue):
 
 
 def test_refused_credentials_fail_fast(broker_url, queue):
-    url = broker_url.replace("guest:guest@", "guest:wrong-password@")
-
-    async def main():
-        start = time.monotonic()
+    # "Fast": refused credentials are not retried; the proxy counts the connection attempts.
+    async def main(proxy):
+        url = proxy.url.replace("guest:guest@", "guest:wrong-password@")
         with pytest.raises(ConnectionLost, match="refused"):
             async with AsyncFibonacciRpcClient(url, queue, timeout=30):
                 pass
+        assert proxy.accepted == 1
         # A call on a client that never connected connects first, and is not retried either.
         client = AsyncFibonacciRpcClient(url, queue, timeout=30)
         with pytest.raises(ConnectionLost, match="refused"):
             await client.call(1)
         await client.close()
-        assert time.monotonic() - start < 5
+        assert proxy.accepted == 2
 
-    run(main())
+    with TcpProxy() as proxy:
+        run(main(proxy))
 
 
 def test_unreachable_broker(queue):
@@ -324,10 +333,8 @@ def test_unreachable_broker(queue):
         with pytest.raises(ConnectionLost):
             await AsyncFibonacciRpcClient(url, queue).connect()
         client = AsyncFibonacciRpcClient(url, queue)
-        start = time.monotonic()
-        with pytest.raises(ConnectionLost):
+        with pytest.raises(ConnectionLost):  # within its timeout: RpcTimeout is not raised instead
             await client.call(1, timeout=1)
-        assert time.monotonic() - start < 2.5
         await client.close()
 
     run(main())

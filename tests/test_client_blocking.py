@@ -90,9 +90,12 @@ def test_request_properties(broker_url, queue, fmt):
     for (props, _body), t in zip(server.requests, timeouts, strict=True):
         assert props.headers[protocol.HEADER_ACCEPT] == accept
         assert props.reply_to.startswith(protocol.DIRECT_REPLY_TO + ".")
-        assert t * 1000 - 500 <= int(props.expiration) <= t * 1000
         deadline = props.headers[protocol.HEADER_DEADLINE]
         assert before * 1000 + t * 1000 - 1000 <= deadline <= time.time() * 1000 + t * 1000
+        # expiration = what is left of the timeout at publish time, so deadline - expiration is
+        # the (wall-clock) publish time, which lies inside this test's window however slow the machine.
+        assert 1 <= int(props.expiration) <= t * 1000
+        assert before * 1000 - 5 <= deadline - int(props.expiration) <= time.time() * 1000 + 5
         assert len(props.correlation_id) == 32 and int(props.correlation_id, 16) >= 0  # uuid4 hex
         corr_ids.add(props.correlation_id)
     assert len(corr_ids) == 4
@@ -220,13 +223,12 @@ def test_call_many_errors(broker_url, queue):
 
 def test_unroutable_raised_at_once(broker_url, queue):
     # `queue` was never declared: the mandatory publish comes back with NO_ROUTE.
+    # "At once": Unroutable, not the RpcTimeout that waiting out the 20 s timeout would raise.
     with FibonacciRpcClient(broker_url, queue, timeout=20) as client:
-        start = time.monotonic()
         with pytest.raises(Unroutable, match=queue):
             client.call(5)
         with pytest.raises(Unroutable):
             client.call_many(range(10))
-        assert time.monotonic() - start < 2
         results = client.call_many([1, 2], return_exceptions=True)
         assert all(isinstance(r, Unroutable) for r in results)
         # Once the queue exists, the same client works.
@@ -255,7 +257,7 @@ def test_timeout_without_consumer_and_the_request_expires(broker_url, queue):
         error = outcome["error"]
         assert isinstance(error, RpcTimeout) and isinstance(error, TimeoutError)
         assert "no consumer" in str(error)
-        assert 2.0 <= outcome["elapsed"] < 3.5
+        assert outcome["elapsed"] >= 2.0  # not before its timeout (load can only lengthen it)
         # ...and expires from it (expiration = the timeout): nobody computes it late.
         end = time.monotonic() + 5
         while queue_counts(queue)[0] and time.monotonic() < end:
@@ -304,10 +306,8 @@ def test_connection_closed_by_broker_mid_call(broker_url, queue):
         with FibonacciRpcClient(broker_url, queue, connection_name=name, timeout=30) as client:
             closer = threading.Thread(target=close_when_received, args=(server, 1, name))
             closer.start()
-            start = time.monotonic()
-            assert client.call(30) == 832040
+            assert client.call(30) == 832040  # within its 30 s timeout, or it would raise RpcTimeout
             closer.join()
-            assert time.monotonic() - start < 25
             first, second = server.requests
             assert first[0].correlation_id == second[0].correlation_id
             assert first[0].headers[protocol.HEADER_DEADLINE] == second[0].headers[protocol.HEADER_DEADLINE]
@@ -355,7 +355,7 @@ def test_connection_lost_and_not_restored_within_timeout(queue):
                 client.call(5, timeout=2)
             outcome["elapsed"] = time.monotonic() - start
             assert isinstance(info.value, ConnectionError)
-            assert 1.9 < outcome["elapsed"] < 4
+            assert outcome["elapsed"] > 1.9  # it kept trying to reconnect until the timeout
             # The broker comes back: the same client recovers on the next call.
             proxy = TcpProxy(port=proxy.port).start()
             server.handler = conformant_handler()
@@ -381,17 +381,19 @@ def test_broker_briefly_unreachable_call_still_succeeds(queue):
                 threading.Thread(target=bounce).start()
                 start = time.monotonic()
                 assert client.call(20, timeout=10) == 6765
-                assert 1.0 <= time.monotonic() - start < 8
+                assert time.monotonic() - start >= 1.0  # the call spanned the outage
+                assert len(server.requests) == 2  # answered on the resend over the new connection
         finally:
             proxy.stop()
 
 
 def test_refused_credentials_fail_fast(broker_url, queue):
-    url = broker_url.replace("guest:guest@", "guest:wrong-password@")
-    start = time.monotonic()
-    with pytest.raises(ConnectionLost, match="refused"):
-        FibonacciRpcClient(url, queue, timeout=30)
-    assert time.monotonic() - start < 5
+    # "Fast": refused credentials are not retried; the proxy counts the connection attempts.
+    with TcpProxy() as proxy:
+        url = proxy.url.replace("guest:guest@", "guest:wrong-password@")
+        with pytest.raises(ConnectionLost, match="refused"):
+            FibonacciRpcClient(url, queue, timeout=30)
+        assert proxy.accepted == 1
 
 
 def test_unreachable_broker(queue):

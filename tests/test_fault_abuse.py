@@ -130,19 +130,21 @@ def test_how_long_small_requests_wait_behind_a_flood_of_max_n_requests(queue, pr
     print(f"\nflood: workers {WORKERS}, prefetch {prefetch}, {flood} x F(~10^6) decimal took {r['flood_took']:.2f} s; "
           f"the first F(20) call waited {r['first'] * 1000:.0f} ms ({r['flood_done_at_first_probe']} of the flood "
           f"answered by then), p50 of 20 calls {r['p50'] * 1000:.1f} ms, max {r['max'] * 1000:.0f} ms")
+    # One F(~10^6) decimal computation, measured in this run: the yardstick for "fast" below.
+    per_request = min(timeit.repeat(lambda: fastfib.fib_encoded(999_999, "decimal"), number=1, repeat=3))
     if flood <= window:
         # Every request reaches a worker at once; small ones are served on the I/O thread meanwhile.
         assert r["probes_done"] < r["flood_took"], "the small calls should finish while the flood is computed"
         assert r["flood_done_at_first_probe"] < flood // 2
-        assert r["p50"] < 0.25, r
+        assert r["p50"] < per_request, (per_request, r)
     else:
         # FIFO queue: the first small request reaches a worker only once at most workers x prefetch
         # requests are ahead of it, so it waits while the workers compute the rest of the flood.
         # The bound comes from the kernel's own speed, not from the flood replies that had
         # arrived: on a fast machine one pika reader takes in 209 KB replies slower than two
         # workers make them, so arrivals lag what the workers did.
-        per_request = min(timeit.repeat(lambda: fastfib.fib_encoded(999_999, "decimal"), number=1, repeat=3))
         assert r["first"] >= 0.8 * per_request * (flood - window - WORKERS) / WORKERS, (per_request, r)
         assert r["first"] > 0.5 * r["flood_took"] * (flood - window) / flood, r
-        # Once it is through, the rest are fast (they reach a worker with room at once).
-        assert r["p50"] < 0.25, r
+        # Once it is through, the rest are fast (they reach a worker with room at once): each takes
+        # less than one large computation.
+        assert r["p50"] < per_request, (per_request, r)

@@ -243,13 +243,12 @@ def _rss_mb() -> float:
 @pytest.mark.slow
 def test_no_leak_over_repeated_threaded_calls():
     tasks = _task_count()
-    ns = [THREADS_MIN_N + 997 * i for i in range(400)]
+    ns = [THREADS_MIN_N + 997 * i for i in range(150)]
     # Warm up: the allocator's arenas reach the size of the largest call.
     for n in (ns[0], ns[-1]):
         fib(n, threads=2)
         fib_encoded(n, "decimal", threads=2)
     before = _rss_mb()
-    deadline = time.monotonic() + 60
     calls = 0
     for i, n in enumerate(ns):
         fib(n, threads=2)
@@ -257,9 +256,6 @@ def test_no_leak_over_repeated_threaded_calls():
         with pytest.raises(ValueError):
             fib_encoded(n, "binary", threads=0)
         calls += 2
-        if time.monotonic() > deadline:
-            break
-    assert calls >= 200
     grown = _rss_mb() - before
     # A call's four temporaries are ~0.7 n bits each (~200 kB together at n = 6e5):
     # leaking them, or a helper thread's stack, would grow RSS by tens of MB here.

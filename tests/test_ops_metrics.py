@@ -54,6 +54,7 @@ def test_metrics_add_up_across_workers_and_a_restart(queue):
         assert all(value(samples, "fastfib_requests_total", outcome=o) == 0 for o in OUTCOMES)
 
         # 400 small requests, pipelined: the broker spreads them over both workers.
+        started = time.perf_counter()
         cids = client.run([b"20"] * 400, window=32)
         assert all(client.replies[c][0][1] == b"6765" for c in cids)
         # Large n (above --inline-max-n 100: the compute thread and the cache), each 4 times, one at a time.
@@ -83,7 +84,8 @@ def test_metrics_add_up_across_workers_and_a_restart(queue):
         # Every reply (ok or error) is timed once; the unanswered ones are not.
         assert value(samples, "fastfib_request_duration_seconds_count") == 412 + 14
         assert value(samples, "fastfib_request_duration_seconds_bucket", le="+Inf") == 412 + 14
-        assert 0 < value(samples, "fastfib_request_duration_seconds_sum") < 60
+        # Each timed request lies within this test's span (the unit test checks the sum more tightly).
+        assert 0 < value(samples, "fastfib_request_duration_seconds_sum") <= (412 + 14) * (time.perf_counter() - started)
         # 12 large requests, one cache lookup each: at most one miss per (n, worker), the rest hits.
         hits, misses = value(samples, "fastfib_cache_hits_total"), value(samples, "fastfib_cache_misses_total")
         assert hits + misses == 12 and 3 <= misses <= 6, (hits, misses)
@@ -175,9 +177,7 @@ def test_busy_metrics_port_fails_fast(queue):
     port = holder.getsockname()[1]
     try:
         with ServePool.on(queue, "--metrics-port", str(port), workers=1) as pool:
-            start = time.monotonic()
             assert pool.wait(30) == 1
-            assert time.monotonic() - start < 20
             assert f"cannot serve metrics on 127.0.0.1:{port}" in pool.text()
             assert "consuming" not in pool.text()  # no worker was started
     finally:

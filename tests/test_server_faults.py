@@ -314,10 +314,9 @@ def test_heartbeats_flow_during_a_long_computation(queue, broker_takes_128_mib):
         pool.wait_ready()
         big = client.publish(str(n).encode(), headers={"accept": "application/octet-stream"})
         time.sleep(0.3)
-        started = time.monotonic()
         for i in range(10):
             assert client.call(str(i).encode(), timeout=5)[1] == expected(str(i).encode())
-        assert time.monotonic() - started < 2.0
+        assert not client.replies.get(big), "the small calls should be answered while F(n) is computed"
         deadline = time.monotonic() + 60
         while not client.replies.get(big) and time.monotonic() < deadline:
             client.connection.process_data_events(time_limit=0.2)
