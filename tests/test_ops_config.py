@@ -222,3 +222,12 @@ def test_configure_logging_json_writes_one_object_per_line(monkeypatch):
 def test_choice_parser_messages():
     with pytest.raises(argparse.ArgumentTypeError, match="choose from text, json"):
         cfg.choice("text", "json")("yaml")
+
+
+def test_one_url_flag_may_hold_several_urls_like_the_variable():
+    """`--url "A B C"` is split as FASTFIB_URL is (it used to be read as one URL whose vhost was `/ amqp:`)."""
+    a, b, c = "amqp://a:1@h1:5681/%2F", "amqp://a:1@h2:5682/%2F", "amqp://a:1@h3:5683/%2F"
+    assert settings(["--url", f"{a} {b} {c}"]).worker.urls == (a, b, c)
+    assert settings(["--url", f"{a},{b}", "--url", c]).worker.urls == (a, b, c)
+    with pytest.raises(SystemExit):
+        settings(["--url", " , "])
