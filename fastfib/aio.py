@@ -29,6 +29,7 @@ from .errors import ConnectionLost, ProtocolError, RemoteError, RpcError, RpcTim
 from .protocol import DEFAULT_QUEUE, DIRECT_REPLY_TO, decode_reply
 from .rpc_base import (
     AUTH_ERRORS,
+    DEFAULT_STALL_TIMEOUT,
     LINK_ERRORS,
     MAX_WIRE_N,
     RECONNECT_FIRST_DELAY,
@@ -38,12 +39,14 @@ from .rpc_base import (
     ClientSettings,
     Confirms,
     PropertiesTemplate,
+    StalledConnection,
     check_n,
     check_timeout,
     check_window,
     connect_error,
     consumer_note,
     lost_message,
+    nack_delay,
     timeout_message,
     unroutable,
 )
@@ -61,7 +64,7 @@ class _TimedOut(Exception):
 
 
 class _Request:
-    __slots__ = ("body", "future", "deadline", "deadline_ms", "generation")
+    __slots__ = ("body", "future", "deadline", "deadline_ms", "generation", "nacks")
 
     def __init__(self, body: bytes, future: asyncio.Future, deadline: float, deadline_ms: int) -> None:
         self.body = body
@@ -69,6 +72,7 @@ class _Request:
         self.deadline = deadline  # loop.time()
         self.deadline_ms = deadline_ms  # Unix epoch ms, the x-deadline-ms header
         self.generation = -1  # the connection it was last published on; -1: not yet
+        self.nacks = 0
 
 
 class AsyncFibonacciRpcClient(ClientSettings):
@@ -96,8 +100,9 @@ class AsyncFibonacciRpcClient(ClientSettings):
         format: str = "binary",
         reply_queue: str = REPLY_DIRECT,
         connection_name: str | None = None,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
     ) -> None:
-        self._init_settings(url, queue, timeout, format, reply_queue, connection_name, "aio-client")
+        self._init_settings(url, queue, timeout, format, reply_queue, connection_name, "aio-client", stall_timeout)
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: AsyncioConnection | None = None
@@ -109,6 +114,8 @@ class AsyncFibonacciRpcClient(ClientSettings):
         self._reconnector: asyncio.Task | None = None
         self._last_error: BaseException | None = None
         self._note_task: asyncio.Task | None = None
+        self._stall_task: asyncio.Task | None = None
+        self._last_progress = 0.0  # loop time of the last reply (or of the start of waiting for one)
         self._closed = False
 
     # --- lifetime --------------------------------------------------------------------
@@ -138,7 +145,7 @@ class AsyncFibonacciRpcClient(ClientSettings):
     async def close(self) -> None:
         """Close the connection and fail the calls in flight. Idempotent."""
         self._closed = True
-        for task in (self._reconnector, self._note_task):
+        for task in (self._reconnector, self._note_task, self._stall_task):
             if task is not None and not task.done():
                 task.cancel()
         error = RpcError("the client was closed")
@@ -224,6 +231,8 @@ class AsyncFibonacciRpcClient(ClientSettings):
         corr = uuid.uuid4().hex
         future = loop.create_future()
         req = _Request(body, future, deadline, deadline_ms)
+        if not self._pending:
+            self._last_progress = loop.time()
         self._pending[corr] = req
         timer = loop.call_at(deadline, self._expire, corr)
         try:
@@ -258,14 +267,21 @@ class AsyncFibonacciRpcClient(ClientSettings):
             return  # a late confirm of a connection given up on
         method = frame.method
         corrs = confirms.settle(method.delivery_tag, method.multiple)
-        if isinstance(method, pika.spec.Basic.Nack) and self._channel is not None:
-            now = self._loop.time()
+        if isinstance(method, pika.spec.Basic.Nack):
             for corr in corrs:
                 req = self._pending.get(corr)
                 if req is not None and not req.future.done():
                     self.counters.nacked += 1
-                    self.counters.resent += 1
-                    self._publish(corr, req, req.deadline - now)
+                    req.nacks += 1
+                    self._loop.call_later(nack_delay(req.nacks), self._resend, corr, self._generation)
+
+    def _resend(self, corr: str, generation: int) -> None:
+        """Send a nacked request again, unless it was answered or its connection is gone meanwhile."""
+        req = self._pending.get(corr)
+        if req is None or req.future.done() or generation != self._generation or self._channel is None:
+            return  # a new connection resends every pending request anyway
+        self.counters.resent += 1
+        self._publish(corr, req, req.deadline - self._loop.time())
 
     # --- callbacks (run on the event loop) ---------------------------------------------
 
@@ -275,6 +291,7 @@ class AsyncFibonacciRpcClient(ClientSettings):
             req.future.set_exception(_TimedOut())
 
     def _on_reply(self, channel: Any, method: Any, props: BasicProperties, body: bytes) -> None:
+        self._last_progress = self._loop.time()
         req = self._pending.pop(props.correlation_id, None)
         if req is None or req.future.done():
             self.counters.duplicates += 1
@@ -420,6 +437,8 @@ class AsyncFibonacciRpcClient(ClientSettings):
         self._generation += 1
         self._conn, self._channel, self._reply_to = conn, channel, reply_to
         self._confirms = confirms
+        self._last_progress = loop.time()
+        self._stall_task = loop.create_task(self._watch_stall(self._generation))
         self._props = PropertiesTemplate(self._accept, reply_to)
 
     def _ensure_reconnecting(self) -> None:
@@ -498,11 +517,14 @@ class AsyncFibonacciRpcClient(ClientSettings):
         except Exception:
             return ""
 
-    async def _queue_exists(self) -> bool:
-        """Whether the service queue exists: one passive ``queue_declare`` on a channel of its own."""
+    async def _declare_passive(self) -> Any:
+        """``Queue.DeclareOk`` of the service queue, asked on a channel of its own (a 404 closes it).
+
+        Raises ``ChannelClosedByBroker`` (404: no such queue) or a link error.
+        """
         conn = self._conn
         if conn is None or not conn.is_open:
-            return True  # nothing to check on: let the resend path deal with the connection
+            raise pika.exceptions.ConnectionWrongStateError("not connected")
         loop = self._loop
         opened, done = loop.create_future(), loop.create_future()
 
@@ -512,40 +534,61 @@ class AsyncFibonacciRpcClient(ClientSettings):
                     f.set_exception(exc)
 
         conn.channel(on_open_callback=opened.set_result)
-        channel = await opened
+        channel = await opened  # (a connection loss leaves this to the caller's wait_for)
         channel.add_on_close_callback(on_close)
         channel.queue_declare(self.queue, passive=True, callback=done.set_result)
+        frame = await done
+        if channel.is_open:
+            channel.close()
+        return frame.method
+
+    async def _queue_exists(self) -> bool:
+        """Whether the service queue exists: one passive ``queue_declare``."""
+        if self._conn is None or not self._conn.is_open:
+            return True  # nothing to check on: let the resend path deal with the connection
         try:
-            await done
+            await self._declare_passive()
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code == 404:
                 return False
             raise
-        if channel.is_open:
-            channel.close()
         return True
 
     async def _check_queue(self) -> str:
-        conn = self._conn
-        if conn is None or not conn.is_open:
-            return ""
-        loop = self._loop
-        opened = loop.create_future()
-        done = loop.create_future()
-
-        def on_close(_ch: Any, exc: BaseException) -> None:
-            for f in (opened, done):
-                if not f.done():
-                    f.set_exception(exc)
-
-        conn.channel(on_open_callback=opened.set_result)
-        channel = await opened  # (a connection loss leaves this to the wait_for above)
-        channel.add_on_close_callback(on_close)
-        channel.queue_declare(self.queue, passive=True, callback=done.set_result)
         try:
-            frame = await done
+            method = await self._declare_passive()
         except pika.exceptions.ChannelClosedByBroker as exc:
             return "; the queue does not exist" if exc.reply_code == 404 else ""
-        if channel.is_open:
-            channel.close()
-        return consumer_note(frame.method)
+        except LINK_ERRORS:
+            return ""
+        return consumer_note(method)
+
+    async def _watch_stall(self, generation: int) -> None:
+        """While connection ``generation`` is the current one, give it up when its replies stop coming.
+
+        As the blocking client's ``_check_stall``: requests pending, no reply
+        for ``stall_timeout`` seconds and no request waiting in the service
+        queue mean lost replies; closing the connection makes the client
+        reconnect (to the next URL) and resend.
+        """
+        loop = self._loop
+        while not self._closed and generation == self._generation and self._conn is not None:
+            await asyncio.sleep(self.stall_timeout / 2)
+            if not self._pending or loop.time() - self._last_progress <= self.stall_timeout:
+                continue
+            self._last_progress = loop.time()
+            try:
+                method = await asyncio.wait_for(self._declare_passive(), self.stall_timeout)
+            except (*LINK_ERRORS, asyncio.TimeoutError):
+                continue  # lost or slow: the close callbacks handle a lost connection
+            conn = self._conn
+            if method.message_count or generation != self._generation or conn is None or not conn.is_open:
+                continue
+            error = StalledConnection(
+                f"no reply for {self.stall_timeout:g} s while {len(self._pending)} request(s) were pending "
+                "and the service queue held none"
+            )
+            _log.warning("%s; reconnecting", error)
+            self._last_error = error
+            conn.close()  # _on_connection_closed reconnects and resends
+            return

@@ -31,6 +31,7 @@ from .errors import ConnectionLost, ProtocolError, RemoteError, RpcError, RpcTim
 from .protocol import DEFAULT_QUEUE, DIRECT_REPLY_TO, decode_reply
 from .rpc_base import (
     AUTH_ERRORS,
+    DEFAULT_STALL_TIMEOUT,
     DEFAULT_TIMEOUT,
     LINK_ERRORS,
     MAX_WIRE_N,
@@ -41,12 +42,14 @@ from .rpc_base import (
     ClientSettings,
     Confirms,
     PropertiesTemplate,
+    StalledConnection,
     check_n,
     check_timeout,
     check_window,
     connect_error,
     consumer_note,
     lost_message,
+    nack_delay,
     timeout_message,
     unroutable,
 )
@@ -65,7 +68,7 @@ _CONFIRM_SELECT_TIMEOUT = 10.0
 class _Slot:
     """One request in flight."""
 
-    __slots__ = ("body", "deadline", "deadline_ms", "value", "error", "done", "index")
+    __slots__ = ("body", "deadline", "deadline_ms", "value", "error", "done", "index", "nacks")
 
     def __init__(self, body: bytes, deadline: float, deadline_ms: int, index: int = 0) -> None:
         self.body = body
@@ -75,6 +78,7 @@ class _Slot:
         self.error: BaseException | None = None
         self.done = False
         self.index = index
+        self.nacks = 0
 
 
 class FibonacciRpcClient(ClientSettings):
@@ -98,7 +102,10 @@ class FibonacciRpcClient(ClientSettings):
     way the reply is decoded by its own content type. ``reply_queue`` is
     ``"direct"`` (Direct Reply-to, default) or ``"exclusive"`` (a server-named
     exclusive queue). ``connection_name`` is shown by the broker
-    (``rabbitmqctl list_connections client_properties``).
+    (``rabbitmqctl list_connections client_properties``). When requests are
+    pending, no reply has come for ``stall_timeout`` seconds and the service
+    queue holds no waiting request, the replies are taken as lost: the client
+    reconnects (to the next URL) and resends (see ``docs/client.md``).
 
     The constructor connects; when no URL can be reached it raises
     :class:`~fastfib.errors.ConnectionLost` naming each host:port tried.
@@ -116,8 +123,9 @@ class FibonacciRpcClient(ClientSettings):
         format: str = "binary",
         reply_queue: str = REPLY_DIRECT,
         connection_name: str | None = None,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
     ) -> None:
-        self._init_settings(url, queue, timeout, format, reply_queue, connection_name, "client")
+        self._init_settings(url, queue, timeout, format, reply_queue, connection_name, "client", stall_timeout)
         self._lock = threading.Lock()
         self._pending: dict[str, _Slot] = {}
         self._completed: list[_Slot] = []
@@ -125,7 +133,7 @@ class FibonacciRpcClient(ClientSettings):
         self._channel: Any = None
         self._reply_to: str = DIRECT_REPLY_TO
         self._confirms = Confirms()
-        self._nacked: list[str] = []
+        self._nacked: list[tuple[float, str]] = []  # (when to resend, correlation id)
         self._closed = False
         self._connect_round(advance=False, deadline=None)
 
@@ -176,6 +184,8 @@ class FibonacciRpcClient(ClientSettings):
             slot = _Slot(body, now + t, int((time.time() + t) * 1000))
             corr = uuid.uuid4().hex
             pending = self._pending
+            if not pending:
+                self._last_progress = now
             pending[corr] = slot
             try:
                 if self._channel is None:  # a previous recovery failed: connect (and send) now
@@ -191,9 +201,11 @@ class FibonacciRpcClient(ClientSettings):
                         pending.pop(corr, None)
                         raise RpcTimeout(timeout_message(self.queue, t, 1, 1, self._queue_note()))
                     try:
-                        self._conn.process_data_events(remaining)
+                        self._conn.process_data_events(min(remaining, self._wait_limit()))
                         if self._nacked:
                             self._resend_nacked()
+                        if monotonic() - self._last_progress > self.stall_timeout and not slot.done:
+                            self._check_stall()
                     except LINK_ERRORS as exc:
                         if not slot.done:
                             self._recover(slot.deadline, exc)
@@ -236,6 +248,8 @@ class FibonacciRpcClient(ClientSettings):
             deadline = monotonic() + t
             deadline_ms = int((time.time() + t) * 1000)
             pending = self._pending
+            if not pending:
+                self._last_progress = monotonic()
             completed = self._completed
             completed.clear()
             queue = self.queue
@@ -266,9 +280,11 @@ class FibonacciRpcClient(ClientSettings):
                             note = self._queue_note()
                             raise RpcTimeout(timeout_message(queue, t, total - done, total, note))
                         try:
-                            self._conn.process_data_events(remaining)
+                            self._conn.process_data_events(min(remaining, self._wait_limit()))
                             if self._nacked:
                                 self._resend_nacked()
+                            if not completed and monotonic() - self._last_progress > self.stall_timeout:
+                                self._check_stall()
                         except LINK_ERRORS as exc:
                             self._recover(deadline, exc)
                     for slot in completed:
@@ -319,23 +335,55 @@ class FibonacciRpcClient(ClientSettings):
         corrs = confirms.settle(method.delivery_tag, method.multiple)
         if isinstance(method, pika.spec.Basic.Nack):
             # The broker did not take these: send them again once pika hands control back.
-            pending = self._pending
-            nacked = [c for c in corrs if c in pending]
-            self.counters.nacked += len(nacked)
-            self._nacked.extend(nacked)
+            now = monotonic()
+            for corr in corrs:
+                slot = self._pending.get(corr)
+                if slot is not None and not slot.done:
+                    self.counters.nacked += 1
+                    slot.nacks += 1
+                    self._nacked.append((now + nack_delay(slot.nacks), corr))
+
+    def _check_stall(self) -> None:
+        """Nothing came back for ``stall_timeout`` seconds: give up this connection if the requests are lost.
+
+        A backlog (requests waiting in the service queue) explains the silence:
+        wait on. An empty queue does not: the requests were taken and their
+        replies will not come (seen on a RabbitMQ 3.10 cluster: a channel whose
+        first Direct Reply-to request was published while the quorum queue
+        elected a new leader never got a reply again). Raise so that the caller
+        reconnects (to the next URL) and resends.
+        """
+        self._last_progress = monotonic()
+        try:
+            waiting = self._declare_passive().message_count
+        except pika.exceptions.ChannelClosedByBroker:
+            return  # the queue is gone: the resend path reports it as unroutable if it stays so
+        if waiting == 0:
+            raise StalledConnection(
+                f"no reply for {self.stall_timeout:g} s while {len(self._pending)} request(s) were pending "
+                "and the service queue held none"
+            )
 
     def _resend_nacked(self) -> None:
-        nacked, self._nacked = self._nacked, []
         now = monotonic()
-        for corr in nacked:
+        due = [corr for when, corr in self._nacked if when <= now]
+        self._nacked = [item for item in self._nacked if item[0] > now]
+        for corr in due:
             slot = self._pending.get(corr)
             if slot is not None and not slot.done:
                 self._publish(corr, slot, str(max(1, int((slot.deadline - now) * 1000))))
                 self.counters.resent += 1
 
+    def _wait_limit(self) -> float:
+        """How long process_data_events may wait: until the stall check, or the next nacked resend."""
+        if not self._nacked:
+            return self.stall_timeout
+        return max(0.0, min(self.stall_timeout, min(when for when, _ in self._nacked) - monotonic()))
+
     # --- callbacks (run inside process_data_events, on the calling thread) -----------
 
     def _on_reply(self, channel: Any, method: Any, props: BasicProperties, body: bytes) -> None:
+        self._last_progress = monotonic()
         slot = self._pending.pop(props.correlation_id, None)
         if slot is None:
             self.counters.duplicates += 1
@@ -410,6 +458,7 @@ class FibonacciRpcClient(ClientSettings):
             raise
         self._conn, self._channel, self._reply_to = conn, channel, reply_to
         self._confirms = confirms
+        self._last_progress = monotonic()
         self._nacked.clear()  # whatever was nacked is resent with every pending request
         self._props = PropertiesTemplate(self._accept, reply_to)
 

@@ -31,6 +31,10 @@ from .urls import client_urls, describe_error, describe_failures, endpoint
 #: The timeout of a client built without one, in seconds.
 DEFAULT_TIMEOUT = 30.0
 
+#: Seconds without a reply (requests pending, none waiting in the queue) after which a client
+#: takes its connection's replies as lost, reconnects and resends.
+DEFAULT_STALL_TIMEOUT = 5.0
+
 #: ``reply_queue`` values: RabbitMQ's Direct Reply-to pseudo-queue (default) or
 #: a server-named, exclusive, auto-delete queue declared by the client.
 REPLY_DIRECT = "direct"
@@ -54,8 +58,22 @@ AUTH_ERRORS = (
 #: What a lost or broken connection or channel raises out of pika.
 LINK_ERRORS = (pika.exceptions.AMQPError, OSError)
 
+class StalledConnection(pika.exceptions.AMQPConnectionError):
+    """Raised inside a client (never to its caller): the connection is up but its replies stopped coming."""
+
+
 RECONNECT_FIRST_DELAY = 0.05
 RECONNECT_MAX_DELAY = 1.0
+
+
+def nack_delay(nacks: int) -> float:
+    """Seconds before a request nacked ``nacks`` times is sent again.
+
+    The first nack is answered at once (a broker hiccup); a request the
+    broker keeps refusing (say a full queue with ``x-overflow: reject-publish``)
+    backs off, 50 ms doubling up to 1 s, instead of a publish/nack busy loop.
+    """
+    return 0.0 if nacks <= 1 else min(0.05 * 2 ** (nacks - 2), 1.0)
 
 
 # --- argument checks ------------------------------------------------------------------------
@@ -335,9 +353,11 @@ class ClientSettings:
     """The constructor arguments both clients share, checked and stored once."""
 
     def _init_settings(self, url: str | Iterable[str] | None, queue: str, timeout: float | None, format: str,
-                       reply_queue: str, connection_name: str | None, kind: str) -> None:
+                       reply_queue: str, connection_name: str | None, kind: str,
+                       stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> None:
         self.queue = queue
         self.timeout = DEFAULT_TIMEOUT if timeout is None else check_timeout(timeout)
+        self.stall_timeout = check_timeout(stall_timeout, "stall_timeout")
         self.format = format
         self._accept = accept_for(format)
         self.reply_queue = check_reply_queue(reply_queue)
