@@ -38,6 +38,7 @@ from .rpc_base import (
     REPLY_EXCLUSIVE,
     ClientSettings,
     Confirms,
+    NoConfirms,
     PropertiesTemplate,
     StalledConnection,
     check_n,
@@ -101,15 +102,17 @@ class AsyncFibonacciRpcClient(ClientSettings):
         reply_queue: str = REPLY_DIRECT,
         connection_name: str | None = None,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        confirms: bool = True,
     ) -> None:
-        self._init_settings(url, queue, timeout, format, reply_queue, connection_name, "aio-client", stall_timeout)
+        self._init_settings(url, queue, timeout, format, reply_queue, connection_name, "aio-client", stall_timeout,
+                            confirms)
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: AsyncioConnection | None = None
         self._channel: Any = None  # set only while open and consuming replies
         self._reply_to = DIRECT_REPLY_TO
         self._generation = 0
-        self._confirms = Confirms()
+        self._confirms: Confirms | NoConfirms = NoConfirms()
         self._pending: dict[str, _Request] = {}
         self._reconnector: asyncio.Task | None = None
         self._last_error: BaseException | None = None
@@ -411,10 +414,12 @@ class AsyncFibonacciRpcClient(ClientSettings):
             channel = await step(f)
             channel.add_on_close_callback(fail)
             channel.add_on_return_callback(self._on_return)
-            confirms = Confirms()
-            f = loop.create_future()
-            channel.confirm_delivery(lambda frame: self._on_confirm(confirms, frame), callback=f.set_result)
-            await step(f)
+            confirms: Confirms | NoConfirms = NoConfirms()
+            if self.confirms:
+                confirms = Confirms()
+                f = loop.create_future()
+                channel.confirm_delivery(lambda frame: self._on_confirm(confirms, frame), callback=f.set_result)
+                await step(f)
             if self.reply_queue == REPLY_EXCLUSIVE:
                 f = loop.create_future()
                 channel.queue_declare("", exclusive=True, auto_delete=True, callback=f.set_result)

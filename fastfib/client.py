@@ -41,6 +41,7 @@ from .rpc_base import (
     REPLY_EXCLUSIVE,
     ClientSettings,
     Confirms,
+    NoConfirms,
     PropertiesTemplate,
     StalledConnection,
     check_n,
@@ -106,6 +107,9 @@ class FibonacciRpcClient(ClientSettings):
     pending, no reply has come for ``stall_timeout`` seconds and the service
     queue holds no waiting request, the replies are taken as lost: the client
     reconnects (to the next URL) and resends (see ``docs/client.md``).
+    ``confirms=False`` publishes without publisher confirms: about 10 % more
+    pipelined throughput, but a request the broker nacks is then only noticed
+    at its timeout.
 
     The constructor connects; when no URL can be reached it raises
     :class:`~fastfib.errors.ConnectionLost` naming each host:port tried.
@@ -124,15 +128,17 @@ class FibonacciRpcClient(ClientSettings):
         reply_queue: str = REPLY_DIRECT,
         connection_name: str | None = None,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        confirms: bool = True,
     ) -> None:
-        self._init_settings(url, queue, timeout, format, reply_queue, connection_name, "client", stall_timeout)
+        self._init_settings(url, queue, timeout, format, reply_queue, connection_name, "client", stall_timeout,
+                            confirms)
         self._lock = threading.Lock()
         self._pending: dict[str, _Slot] = {}
         self._completed: list[_Slot] = []
         self._conn: pika.BlockingConnection | None = None
         self._channel: Any = None
         self._reply_to: str = DIRECT_REPLY_TO
-        self._confirms = Confirms()
+        self._confirms: Confirms | NoConfirms = NoConfirms()
         self._nacked: list[tuple[float, str]] = []  # (when to resend, correlation id)
         self._closed = False
         self._connect_round(advance=False, deadline=None)
@@ -445,8 +451,10 @@ class FibonacciRpcClient(ClientSettings):
         try:
             channel = conn.channel()
             channel.add_on_return_callback(self._on_return)
-            confirms = Confirms()
-            _confirm_select(conn, channel, lambda frame: self._on_confirm(confirms, frame))
+            confirms: Confirms | NoConfirms = NoConfirms()
+            if self.confirms:
+                confirms = Confirms()
+                _confirm_select(conn, channel, lambda frame: self._on_confirm(confirms, frame))
             if self.reply_queue == REPLY_EXCLUSIVE:
                 reply_to = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
             else:

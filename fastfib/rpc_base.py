@@ -332,6 +332,21 @@ class Confirms:
         return len(self._corrs)
 
 
+class NoConfirms:
+    """What a client uses in place of :class:`Confirms` on a channel without confirm mode."""
+
+    __slots__ = ()
+
+    def published(self, corr: str) -> None:
+        pass
+
+    def settle(self, tag: int, multiple: bool) -> list[str]:
+        return []
+
+    def __len__(self) -> int:
+        return 0
+
+
 @dataclass
 class ClientCounters:
     """What a client has done to keep its calls going (for logs, tests and benchmarks)."""
@@ -354,10 +369,14 @@ class ClientSettings:
 
     def _init_settings(self, url: str | Iterable[str] | None, queue: str, timeout: float | None, format: str,
                        reply_queue: str, connection_name: str | None, kind: str,
-                       stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> None:
+                       stall_timeout: float = DEFAULT_STALL_TIMEOUT, confirms: bool = True) -> None:
         self.queue = queue
         self.timeout = DEFAULT_TIMEOUT if timeout is None else check_timeout(timeout)
         self.stall_timeout = check_timeout(stall_timeout, "stall_timeout")
+        if not isinstance(confirms, bool):
+            raise TypeError(f"confirms must be True or False, not {type(confirms).__name__}")
+        #: Whether requests are published with publisher confirms.
+        self.confirms = confirms
         self.format = format
         self._accept = accept_for(format)
         self.reply_queue = check_reply_queue(reply_queue)

@@ -17,6 +17,7 @@ from _net import TcpProxy
 
 from fastfib.aio import AsyncFibonacciRpcClient
 from fastfib.client import FibonacciRpcClient
+from fastfib.errors import RpcTimeout
 
 pytestmark = pytest.mark.broker
 
@@ -99,3 +100,16 @@ def test_nacked_requests_are_resent(broker_url, queue, kind):
     assert results == [fib(n) for n in ns]
     assert counters.nacked > 0 and counters.resent >= counters.nacked
     assert counters.reconnects == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_without_confirms_a_dropped_request_is_only_noticed_at_its_timeout(broker_url, queue, kind):
+    """The opposite of test_nacked_requests_are_resent: the same full queue, confirms=False."""
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    try:
+        conn.channel().queue_declare(queue, arguments={"x-max-length": 2, "x-overflow": "reject-publish"})
+    finally:
+        conn.close()
+    with FixtureServer(queue, conformant_handler(), declare=False, prefetch=1, delay=0.005):
+        with pytest.raises(RpcTimeout):
+            call_many(kind, broker_url, queue, range(20), window=20, timeout=3, confirms=False)
