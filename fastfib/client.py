@@ -490,6 +490,8 @@ class FibonacciRpcClient(ClientSettings):
         while True:
             self._drop_connection()
             if deadline - monotonic() <= 0:
+                if isinstance(cause, StalledConnection):  # connected all along: the replies did not come
+                    raise RpcTimeout(f"no reply from queue {self.queue!r} in time: {cause}") from cause
                 raise ConnectionLost(lost_message(self.queue, last)) from last
             try:
                 self._connect_round(advance=True, deadline=deadline)
