@@ -4,7 +4,9 @@ The cluster comes from scripts/cluster.sh (3 nodes of the installed
 rabbitmq-server, AMQP 127.0.0.1:5681-5683); a ``fastfib serve`` pool of 3
 workers serves a quorum queue with every node's URL in one ``--url``. Two
 blocking clients, connected to two different nodes, each run pipelined
-``call_many`` batches while one of these happens:
+``call_many`` batches while one of these happens (client 1 is a
+:class:`~fastfib.client.FibonacciRpcClient`, client 2 an
+:class:`~fastfib.aio.AsyncFibonacciRpcClient` on a loop of its own):
 
 - ``leader``: kill -9 the node that holds the quorum queue's leader;
 - ``client-node``: kill -9 the node that one of the clients is connected to;
@@ -19,6 +21,8 @@ printed (``pytest -s``) and written to ``$TMPDIR/fastfib-cluster-report.json``.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import re
 import tempfile
@@ -32,6 +36,7 @@ from _cluster import Cluster
 from _server_helpers import Pool
 
 from fastfib import fib
+from fastfib.aio import AsyncFibonacciRpcClient
 from fastfib.client import FibonacciRpcClient
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -76,21 +81,44 @@ def _client_urls(urls: list[str], first: int) -> list[str]:
     return urls[i:] + urls[:i]
 
 
+class _AsyncClientThread:
+    """An AsyncFibonacciRpcClient, connected, on an event loop in a thread of its own."""
+
+    def __init__(self, urls: list[str], queue: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="aio-client", daemon=True)
+        self.thread.start()
+        self.client = AsyncFibonacciRpcClient(urls, queue, timeout=CALL_TIMEOUT)
+        self.run(self.client.connect(), 60)
+
+    def run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.run(self.client.close(), 30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
 def _run_case(cluster: Cluster, pool: Pool, name: str, fault, restore, client_nodes: tuple[int, int]) -> dict:
     """Two clients on ``client_nodes`` run CALLS pipelined calls each; ``fault()`` hits during them."""
     ns = [(i * 7) % 1500 for i in range(CALLS)]
     expected = [fib(n) for n in ns]
     log_start = len(pool.text())
     pids_before = sorted(pool.worker_pids())
-    clients = [FibonacciRpcClient(_client_urls(cluster.urls, node), pool.queue, timeout=CALL_TIMEOUT)
-               for node in client_nodes]
+    blocking = FibonacciRpcClient(_client_urls(cluster.urls, client_nodes[0]), pool.queue, timeout=CALL_TIMEOUT)
+    aio = _AsyncClientThread(_client_urls(cluster.urls, client_nodes[1]), pool.queue)
+    clients = [blocking, aio.client]
     probe = FibonacciRpcClient(_client_urls(cluster.urls, client_nodes[1]), pool.queue, timeout=SERVE_AGAIN_TIMEOUT)
     assert [cluster.node_of(c.endpoint) for c in clients] == list(client_nodes)
     outcome: dict[int, object] = {}
 
     def batch(k: int) -> None:
         try:
-            outcome[k] = clients[k].call_many(ns, window=WINDOW)
+            if k == 0:
+                outcome[k] = blocking.call_many(ns, window=WINDOW)
+            else:
+                outcome[k] = aio.run(aio.client.call_many(ns, window=WINDOW))
         except Exception as exc:  # recorded, and failed below
             outcome[k] = exc
 
@@ -110,8 +138,9 @@ def _run_case(cluster: Cluster, pool: Pool, name: str, fault, restore, client_no
             t.join(CALL_TIMEOUT + 30)
         restore()
     finally:
-        for c in (*clients, probe):
-            c.close()
+        blocking.close()
+        probe.close()
+        aio.close()
 
     failures = [repr(v) for v in outcome.values() if isinstance(v, Exception)]
     wrong = sum(1 for v in outcome.values() if isinstance(v, list) for a, b in zip(v, expected, strict=True) if a != b)
@@ -124,6 +153,8 @@ def _run_case(cluster: Cluster, pool: Pool, name: str, fault, restore, client_no
         "resent": sum(c.counters.resent for c in clients),
         "nacked": sum(c.counters.nacked for c in clients),
         "client_reconnects": sum(c.counters.reconnects for c in clients),
+        "per_client": {kind: dataclasses.asdict(c.counters) for kind, c in zip(("blocking", "asyncio"), clients,
+                                                                                strict=True)},
         "served_again_after_s": round(serve_again, 3),
         "worker_reconnect_attempts": reconnects,
         "worker_restarts": log.count("restarting it"),
