@@ -365,10 +365,12 @@ class FibonacciRpcClient(ClientSettings):
         except pika.exceptions.ChannelClosedByBroker:
             return  # the queue is gone: the resend path reports it as unroutable if it stays so
         if waiting == 0:
-            raise StalledConnection(
+            error = StalledConnection(
                 f"no reply for {self.stall_timeout:g} s while {len(self._pending)} request(s) were pending "
                 "and the service queue held none"
             )
+            _log.warning("%s; reconnecting", error)
+            raise error
 
     def _resend_nacked(self) -> None:
         now = monotonic()
