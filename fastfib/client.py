@@ -353,11 +353,11 @@ class FibonacciRpcClient(ClientSettings):
         """Nothing came back for ``stall_timeout`` seconds: give up this connection if the requests are lost.
 
         A backlog (requests waiting in the service queue) explains the silence:
-        wait on. An empty queue does not: the requests were taken and their
-        replies will not come (seen on a RabbitMQ 3.10 cluster: a channel whose
-        first Direct Reply-to request was published while the quorum queue
-        elected a new leader never got a reply again). Raise so that the caller
-        reconnects (to the next URL) and resends.
+        wait on. An empty queue does not: the requests or their replies were
+        lost (seen on a RabbitMQ 3.10 cluster: a channel whose first publish
+        came while the quorum queue elected a new leader had every request
+        confirmed and none queued). Raise so that the caller reconnects (a new
+        channel, on the next URL) and resends.
         """
         self._last_progress = monotonic()
         try:
