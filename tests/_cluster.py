@@ -1,8 +1,9 @@
 """A local 3-node RabbitMQ cluster for the tests: a thin wrapper of scripts/cluster.sh.
 
-The cluster's data lives in a directory of its own (not the one of `make
-cluster-up`); :meth:`Cluster.down` stops every node by its pid file, so a
-failed test still leaves nothing running.
+The cluster's data lives in a directory of its own, ``$TMPDIR/fastfib-cluster-test``
+(not the one of `make cluster-up`). :meth:`Cluster.down` stops every node by
+its pid file, so a failed test leaves nothing running; and :meth:`Cluster.up`
+first stops what a killed test run may have left there.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class Cluster:
     """``scripts/cluster.sh`` with a data directory of its own."""
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="fastfib-cluster-test-")
+        self.dir = str(Path(tempfile.gettempdir()) / "fastfib-cluster-test")
         self.env = {**os.environ, "FASTFIB_CLUSTER_DIR": self.dir}
         self.urls: list[str] = []
 
@@ -42,6 +43,7 @@ class Cluster:
         return proc.stdout
 
     def up(self) -> list[str]:
+        self.down()  # what a test run killed before its teardown may have left
         busy = [p for p in AMQP_PORTS if port_open(p)]
         if busy:
             raise AssertionError(f"ports {busy} are in use (a cluster from `make cluster-up`? stop it with "

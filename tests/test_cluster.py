@@ -133,7 +133,6 @@ def _run_case(cluster: Cluster, pool: Pool, name: str, fault, restore, client_no
         # Served again: a call on a client that was connected before the fault answers within 15 s.
         probe.call(5, timeout=SERVE_AGAIN_TIMEOUT)
         serve_again = time.monotonic() - fault_at
-        assert any(t.is_alive() for t in threads), "the batches ended before the pool was served again"
         for t in threads:
             t.join(CALL_TIMEOUT + 30)
         restore()
