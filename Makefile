@@ -78,3 +78,11 @@ dist: $(PY)
 
 clean:
 	rm -rf build dist *.egg-info fastfib/_kernel.c fastfib/*.so $(VENV)/.installed $(VENV)/.installed-server
+
+# A local 3-node RabbitMQ cluster (AMQP 127.0.0.1:5681-5683) to try failover: docs/deploy.md.
+.PHONY: cluster-up cluster-down
+cluster-up:
+	@scripts/cluster.sh up
+
+cluster-down:
+	@scripts/cluster.sh down

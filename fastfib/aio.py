@@ -25,26 +25,32 @@ import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.spec import BasicProperties
 
-from .client import (
-    _AUTH_ERRORS,
-    _LINK_ERRORS,
-    _MAX_WIRE_N,
-    _RECONNECT_FIRST_DELAY,
-    _RECONNECT_MAX_DELAY,
-    REPLY_DIRECT,
-    REPLY_EXCLUSIVE,
-    _check_n,
-    _check_timeout,
-    _check_window,
-    _ClientSettings,
-    _consumer_note,
-    _lost_message,
-    _PropertiesTemplate,
-    _timeout_message,
-    _unroutable,
-)
 from .errors import ConnectionLost, ProtocolError, RemoteError, RpcError, RpcTimeout, Unroutable
 from .protocol import DEFAULT_QUEUE, DIRECT_REPLY_TO, decode_reply
+from .rpc_base import (
+    AUTH_ERRORS,
+    DEFAULT_STALL_TIMEOUT,
+    LINK_ERRORS,
+    MAX_WIRE_N,
+    RECONNECT_FIRST_DELAY,
+    RECONNECT_MAX_DELAY,
+    REPLY_DIRECT,
+    REPLY_EXCLUSIVE,
+    ClientSettings,
+    Confirms,
+    NoConfirms,
+    PropertiesTemplate,
+    StalledConnection,
+    check_n,
+    check_timeout,
+    check_window,
+    connect_error,
+    consumer_note,
+    lost_message,
+    nack_delay,
+    timeout_message,
+    unroutable,
+)
 
 __all__ = ["AsyncFibonacciRpcClient"]
 
@@ -59,7 +65,7 @@ class _TimedOut(Exception):
 
 
 class _Request:
-    __slots__ = ("body", "future", "deadline", "deadline_ms", "generation")
+    __slots__ = ("body", "future", "deadline", "deadline_ms", "generation", "nacks")
 
     def __init__(self, body: bytes, future: asyncio.Future, deadline: float, deadline_ms: int) -> None:
         self.body = body
@@ -67,9 +73,10 @@ class _Request:
         self.deadline = deadline  # loop.time()
         self.deadline_ms = deadline_ms  # Unix epoch ms, the x-deadline-ms header
         self.generation = -1  # the connection it was last published on; -1: not yet
+        self.nacks = 0
 
 
-class AsyncFibonacciRpcClient(_ClientSettings):
+class AsyncFibonacciRpcClient(ClientSettings):
     """Asyncio client of the Fibonacci RPC service.
 
     ::
@@ -87,25 +94,31 @@ class AsyncFibonacciRpcClient(_ClientSettings):
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | Iterable[str] | None = None,
         queue: str = DEFAULT_QUEUE,
         *,
         timeout: float | None = None,
         format: str = "binary",
         reply_queue: str = REPLY_DIRECT,
         connection_name: str | None = None,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        confirms: bool = True,
     ) -> None:
-        self._init_settings(url, queue, timeout, format, reply_queue, connection_name, "aio-client")
+        self._init_settings(url, queue, timeout, format, reply_queue, connection_name, "aio-client", stall_timeout,
+                            confirms)
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: AsyncioConnection | None = None
         self._channel: Any = None  # set only while open and consuming replies
         self._reply_to = DIRECT_REPLY_TO
         self._generation = 0
+        self._confirms: Confirms | NoConfirms = NoConfirms()
         self._pending: dict[str, _Request] = {}
         self._reconnector: asyncio.Task | None = None
         self._last_error: BaseException | None = None
         self._note_task: asyncio.Task | None = None
+        self._stall_task: asyncio.Task | None = None
+        self._last_progress = 0.0  # loop time of the last reply (or of the start of waiting for one)
         self._closed = False
 
     # --- lifetime --------------------------------------------------------------------
@@ -129,18 +142,13 @@ class AsyncFibonacciRpcClient(_ClientSettings):
             await asyncio.wait({self._reconnector}, timeout=self.timeout)
             if self._channel is not None:
                 return
-            raise ConnectionLost(_lost_message(self.queue, self._last_error))
-        try:
-            await self._open()
-        except _AUTH_ERRORS as exc:
-            raise ConnectionLost(f"the broker refused the connection: {exc!r}") from exc
-        except (*_LINK_ERRORS, asyncio.TimeoutError) as exc:
-            raise ConnectionLost(f"cannot connect to the broker: {exc!r}") from exc
+            raise ConnectionLost(lost_message(self.queue, self._last_error))
+        await self._open_round(advance=False, deadline=None)
 
     async def close(self) -> None:
         """Close the connection and fail the calls in flight. Idempotent."""
         self._closed = True
-        for task in (self._reconnector, self._note_task):
+        for task in (self._reconnector, self._note_task, self._stall_task):
             if task is not None and not task.done():
                 task.cancel()
         error = RpcError("the client was closed")
@@ -178,9 +186,9 @@ class AsyncFibonacciRpcClient(_ClientSettings):
 
     async def call(self, n: int, timeout: float | None = None) -> int:
         """F(n), computed by the service. Errors as for the blocking client's ``call``."""
-        if type(n) is not int or n < 0 or n > _MAX_WIRE_N:
-            n = _check_n(n)
-        t = self.timeout if timeout is None else _check_timeout(timeout)
+        if type(n) is not int or n < 0 or n > MAX_WIRE_N:
+            n = check_n(n)
+        t = self.timeout if timeout is None else check_timeout(timeout)
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._bind_loop()
@@ -195,9 +203,9 @@ class AsyncFibonacciRpcClient(_ClientSettings):
         return_exceptions: bool = False,
     ) -> list:
         """[F(n) for n in ns], at most ``window`` in flight, in order; as the blocking ``call_many``."""
-        ns = [n if type(n) is int and 0 <= n <= _MAX_WIRE_N else _check_n(n) for n in ns]
-        window = _check_window(window)
-        t = self.timeout if timeout is None else _check_timeout(timeout)
+        ns = [n if type(n) is int and 0 <= n <= MAX_WIRE_N else check_n(n) for n in ns]
+        window = check_window(window)
+        t = self.timeout if timeout is None else check_timeout(timeout)
         loop = self._bind_loop()
         deadline = loop.time() + t
         deadline_ms = int((time.time() + t) * 1000)
@@ -226,6 +234,8 @@ class AsyncFibonacciRpcClient(_ClientSettings):
         corr = uuid.uuid4().hex
         future = loop.create_future()
         req = _Request(body, future, deadline, deadline_ms)
+        if not self._pending:
+            self._last_progress = loop.time()
         self._pending[corr] = req
         timer = loop.call_at(deadline, self._expire, corr)
         try:
@@ -236,22 +246,45 @@ class AsyncFibonacciRpcClient(_ClientSettings):
             return await future
         except _TimedOut:
             if req.generation == self._generation and self._channel is not None:
-                raise RpcTimeout(_timeout_message(self.queue, t, 1, 1, await self._queue_note())) from None
-            raise ConnectionLost(_lost_message(self.queue, self._last_error)) from self._last_error
+                raise RpcTimeout(timeout_message(self.queue, t, 1, 1, await self._queue_note())) from None
+            raise ConnectionLost(lost_message(self.queue, self._last_error)) from self._last_error
         finally:
             timer.cancel()
             self._pending.pop(corr, None)
 
     def _publish(self, corr: str, req: _Request, remaining: float) -> None:
         try:
+            self._confirms.published(corr)
             self._channel.basic_publish(
                 "", self.queue, req.body, self._props(corr, str(max(1, int(remaining * 1000))), req.deadline_ms), True
             )
-        except _LINK_ERRORS as exc:  # the connection is going away; on_close will reconnect
+        except LINK_ERRORS as exc:  # the connection is going away; on_close will reconnect
             self._last_error = exc
             self._ensure_reconnecting()
             return
         req.generation = self._generation
+
+    def _on_confirm(self, confirms: Confirms, frame: Any) -> None:
+        """``Basic.Ack``/``Basic.Nack`` of our requests: a nacked request is sent again at once."""
+        if confirms is not self._confirms:
+            return  # a late confirm of a connection given up on
+        method = frame.method
+        corrs = confirms.settle(method.delivery_tag, method.multiple)
+        if isinstance(method, pika.spec.Basic.Nack):
+            for corr in corrs:
+                req = self._pending.get(corr)
+                if req is not None and not req.future.done():
+                    self.counters.nacked += 1
+                    req.nacks += 1
+                    self._loop.call_later(nack_delay(req.nacks), self._resend, corr, self._generation)
+
+    def _resend(self, corr: str, generation: int) -> None:
+        """Send a nacked request again, unless it was answered or its connection is gone meanwhile."""
+        req = self._pending.get(corr)
+        if req is None or req.future.done() or generation != self._generation or self._channel is None:
+            return  # a new connection resends every pending request anyway
+        self.counters.resent += 1
+        self._publish(corr, req, req.deadline - self._loop.time())
 
     # --- callbacks (run on the event loop) ---------------------------------------------
 
@@ -261,8 +294,10 @@ class AsyncFibonacciRpcClient(_ClientSettings):
             req.future.set_exception(_TimedOut())
 
     def _on_reply(self, channel: Any, method: Any, props: BasicProperties, body: bytes) -> None:
+        self._last_progress = self._loop.time()
         req = self._pending.pop(props.correlation_id, None)
         if req is None or req.future.done():
+            self.counters.duplicates += 1
             _log.debug("dropping a reply with unknown or duplicate correlation id %r", props.correlation_id)
             return
         try:
@@ -277,7 +312,7 @@ class AsyncFibonacciRpcClient(_ClientSettings):
         if req is None or req.future.done():
             _log.debug("dropping a returned request with unknown correlation id %r", props.correlation_id)
             return
-        req.future.set_exception(_unroutable(method.routing_key, method))
+        req.future.set_exception(unroutable(method.routing_key, method))
 
     def _on_connection_closed(self, conn: Any, reason: BaseException) -> None:
         if conn is not self._conn:
@@ -309,8 +344,35 @@ class AsyncFibonacciRpcClient(_ClientSettings):
 
     # --- connection management -------------------------------------------------------
 
-    async def _open(self) -> None:
-        """Open a connection and a channel, and start consuming replies."""
+    async def _open_round(self, advance: bool, deadline: float | None) -> None:
+        """Connect to the first URL that answers, starting with the current one or the next.
+
+        Raises :class:`ConnectionLost` naming every host:port tried when none
+        did; with ``deadline`` (loop time), each attempt is bounded by the time left.
+        """
+        failures: list[tuple[str, BaseException]] = []
+        refused = True
+        for index in self._rotation(advance):
+            limit = None
+            if deadline is not None:
+                limit = deadline - self._loop.time()
+                if limit <= 0 and failures:
+                    break
+                limit = max(limit, 0.05)
+            try:
+                await asyncio.wait_for(self._open(self._params[index]), limit)
+            except AUTH_ERRORS as exc:
+                failures.append((self.urls[index], exc))
+            except (*LINK_ERRORS, asyncio.TimeoutError) as exc:
+                failures.append((self.urls[index], exc))
+                refused = False
+            else:
+                self._url_index = index
+                return
+        raise connect_error(failures, refused) from failures[-1][1]
+
+    async def _open(self, params: Any) -> None:
+        """Open a connection and a channel in confirm mode, and start consuming replies."""
         loop = self._loop
         assert loop is not None
         opened = loop.create_future()
@@ -330,7 +392,7 @@ class AsyncFibonacciRpcClient(_ClientSettings):
                 fail(conn, exc)
 
         conn = AsyncioConnection(
-            self._params,
+            params,
             on_open_callback=lambda c: opened.done() or opened.set_result(c),
             on_open_error_callback=fail,
             on_close_callback=on_close,
@@ -352,6 +414,12 @@ class AsyncFibonacciRpcClient(_ClientSettings):
             channel = await step(f)
             channel.add_on_close_callback(fail)
             channel.add_on_return_callback(self._on_return)
+            confirms: Confirms | NoConfirms = NoConfirms()
+            if self.confirms:
+                confirms = Confirms()
+                f = loop.create_future()
+                channel.confirm_delivery(lambda frame: self._on_confirm(confirms, frame), callback=f.set_result)
+                await step(f)
             if self.reply_queue == REPLY_EXCLUSIVE:
                 f = loop.create_future()
                 channel.queue_declare("", exclusive=True, auto_delete=True, callback=f.set_result)
@@ -373,7 +441,10 @@ class AsyncFibonacciRpcClient(_ClientSettings):
             raise RpcError("the client was closed")
         self._generation += 1
         self._conn, self._channel, self._reply_to = conn, channel, reply_to
-        self._props = _PropertiesTemplate(self._accept, reply_to)
+        self._confirms = confirms
+        self._last_progress = loop.time()
+        self._stall_task = loop.create_task(self._watch_stall(self._generation))
+        self._props = PropertiesTemplate(self._accept, reply_to)
 
     def _ensure_reconnecting(self) -> None:
         if self._closed:
@@ -383,7 +454,7 @@ class AsyncFibonacciRpcClient(_ClientSettings):
 
     async def _reconnect(self) -> None:
         """Reconnect while calls are waiting, then resend what they sent on the lost connection."""
-        delay = _RECONNECT_FIRST_DELAY
+        delay = RECONNECT_FIRST_DELAY
         while not self._closed and self._pending:
             conn = self._conn
             if conn is not None:
@@ -398,35 +469,34 @@ class AsyncFibonacciRpcClient(_ClientSettings):
             if remaining <= 0:
                 break
             try:
-                await asyncio.wait_for(self._open(), remaining)
-            except _AUTH_ERRORS as exc:
+                await self._open_round(advance=self._generation > 0, deadline=latest)
+            except ConnectionLost as exc:
                 self._last_error = exc
-                error = ConnectionLost(f"the broker refused the connection: {exc!r}")
-                error.__cause__ = exc
-                for req in list(self._pending.values()):
-                    if not req.future.done():
-                        req.future.set_exception(error)
-                return
-            except (*_LINK_ERRORS, asyncio.TimeoutError) as exc:
-                self._last_error = exc
+                if exc.refused:  # every node refused the credentials: no retry will cure it
+                    for req in list(self._pending.values()):
+                        if not req.future.done():
+                            req.future.set_exception(exc)
+                    return
                 await asyncio.sleep(delay)
-                delay = min(2 * delay, _RECONNECT_MAX_DELAY)
+                delay = min(2 * delay, RECONNECT_MAX_DELAY)
                 continue
+            if self._generation > 1:
+                self.counters.reconnects += 1
             break
         if self._channel is None:
             return
         # A broker restart takes a non-durable service queue with it: wait for the servers to declare it
         # again (they may reconnect seconds after us), else the resent requests would come back unroutable.
-        delay = _RECONNECT_FIRST_DELAY
+        delay = RECONNECT_FIRST_DELAY
         while self._pending and not self._closed and self._channel is not None:
             remaining = max(r.deadline for r in self._pending.values()) - self._loop.time()
             try:
                 if remaining <= 0 or await asyncio.wait_for(self._queue_exists(), min(remaining, 2.0)):
                     break
-            except (*_LINK_ERRORS, asyncio.TimeoutError):
+            except (*LINK_ERRORS, asyncio.TimeoutError):
                 pass  # lost the connection meanwhile (the loop ends), or a slow broker: ask again
             await asyncio.sleep(min(delay, max(0.0, remaining)))
-            delay = min(2 * delay, _RECONNECT_MAX_DELAY / 2)
+            delay = min(2 * delay, RECONNECT_MAX_DELAY / 2)
         if self._channel is None:
             if self._pending and not self._closed:  # lost again while waiting: start over
                 self._reconnector = None
@@ -439,8 +509,9 @@ class AsyncFibonacciRpcClient(_ClientSettings):
             if req.generation != self._generation and not req.future.done():
                 self._publish(corr, req, req.deadline - now)
                 resent += 1
+        self.counters.resent += resent
         if resent:
-            _log.info("reconnected to the broker and resent %d request(s)", resent)
+            _log.info("reconnected to %s and resent %d request(s)", self.endpoint, resent)
 
     async def _queue_note(self) -> str:
         """Describe the service queue for a timeout message; concurrent timeouts share one check."""
@@ -451,11 +522,14 @@ class AsyncFibonacciRpcClient(_ClientSettings):
         except Exception:
             return ""
 
-    async def _queue_exists(self) -> bool:
-        """Whether the service queue exists: one passive ``queue_declare`` on a channel of its own."""
+    async def _declare_passive(self) -> Any:
+        """``Queue.DeclareOk`` of the service queue, asked on a channel of its own (a 404 closes it).
+
+        Raises ``ChannelClosedByBroker`` (404: no such queue) or a link error.
+        """
         conn = self._conn
         if conn is None or not conn.is_open:
-            return True  # nothing to check on: let the resend path deal with the connection
+            raise pika.exceptions.ConnectionWrongStateError("not connected")
         loop = self._loop
         opened, done = loop.create_future(), loop.create_future()
 
@@ -465,40 +539,61 @@ class AsyncFibonacciRpcClient(_ClientSettings):
                     f.set_exception(exc)
 
         conn.channel(on_open_callback=opened.set_result)
-        channel = await opened
+        channel = await opened  # (a connection loss leaves this to the caller's wait_for)
         channel.add_on_close_callback(on_close)
         channel.queue_declare(self.queue, passive=True, callback=done.set_result)
+        frame = await done
+        if channel.is_open:
+            channel.close()
+        return frame.method
+
+    async def _queue_exists(self) -> bool:
+        """Whether the service queue exists: one passive ``queue_declare``."""
+        if self._conn is None or not self._conn.is_open:
+            return True  # nothing to check on: let the resend path deal with the connection
         try:
-            await done
+            await self._declare_passive()
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code == 404:
                 return False
             raise
-        if channel.is_open:
-            channel.close()
         return True
 
     async def _check_queue(self) -> str:
-        conn = self._conn
-        if conn is None or not conn.is_open:
-            return ""
-        loop = self._loop
-        opened = loop.create_future()
-        done = loop.create_future()
-
-        def on_close(_ch: Any, exc: BaseException) -> None:
-            for f in (opened, done):
-                if not f.done():
-                    f.set_exception(exc)
-
-        conn.channel(on_open_callback=opened.set_result)
-        channel = await opened  # (a connection loss leaves this to the wait_for above)
-        channel.add_on_close_callback(on_close)
-        channel.queue_declare(self.queue, passive=True, callback=done.set_result)
         try:
-            frame = await done
+            method = await self._declare_passive()
         except pika.exceptions.ChannelClosedByBroker as exc:
             return "; the queue does not exist" if exc.reply_code == 404 else ""
-        if channel.is_open:
-            channel.close()
-        return _consumer_note(frame.method)
+        except LINK_ERRORS:
+            return ""
+        return consumer_note(method)
+
+    async def _watch_stall(self, generation: int) -> None:
+        """While connection ``generation`` is the current one, give it up when its replies stop coming.
+
+        As the blocking client's ``_check_stall``: requests pending, no reply
+        for ``stall_timeout`` seconds and no request waiting in the service
+        queue mean lost replies; closing the connection makes the client
+        reconnect (to the next URL) and resend.
+        """
+        loop = self._loop
+        while not self._closed and generation == self._generation and self._conn is not None:
+            await asyncio.sleep(self.stall_timeout / 2)
+            if not self._pending or loop.time() - self._last_progress <= self.stall_timeout:
+                continue
+            self._last_progress = loop.time()
+            try:
+                method = await asyncio.wait_for(self._declare_passive(), self.stall_timeout)
+            except (*LINK_ERRORS, asyncio.TimeoutError):
+                continue  # lost or slow: the close callbacks handle a lost connection
+            conn = self._conn
+            if method.message_count or generation != self._generation or conn is None or not conn.is_open:
+                continue
+            error = StalledConnection(
+                f"no reply for {self.stall_timeout:g} s while {len(self._pending)} request(s) were pending "
+                "and the service queue held none"
+            )
+            _log.warning("%s; reconnecting", error)
+            self._last_error = error
+            conn.close()  # _on_connection_closed reconnects and resends
+            return

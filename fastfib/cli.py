@@ -113,9 +113,11 @@ def _add_call_arguments(call: argparse.ArgumentParser) -> None:
     call.add_argument("n", nargs="+", type=_call_n, metavar="N", help="non-negative integers")
     call.add_argument(
         "--url", default=argparse.SUPPRESS,
-        help="broker URL. Default: $FASTFIB_URL, else " + DEFAULT_URL.replace("%", "%%"),
+        help="broker URL, or several (the nodes of a cluster) separated by spaces or commas: the client fails "
+             "over to the next. Default: $FASTFIB_URL, else " + DEFAULT_URL.replace("%", "%%"),
     )
-    call.add_argument("--queue", default=DEFAULT_QUEUE, help="the service queue")
+    call.add_argument("--queue", default=argparse.SUPPRESS,
+                      help=f"the service queue. Default: $FASTFIB_QUEUE, else {DEFAULT_QUEUE}")
     call.add_argument("--timeout", type=_call_timeout, default=DEFAULT_TIMEOUT,
                       help="seconds to wait for all the replies")
     call.add_argument("--format", choices=["decimal", "binary"], default="binary",
@@ -152,20 +154,27 @@ def _call(args: argparse.Namespace) -> int:
     import os
 
     import gmpy2
-    import pika
 
     from .client import FibonacciRpcClient
     from .errors import ConnectionLost, ProtocolError, RemoteError, RpcTimeout, Unroutable
+    from .protocol import DEFAULT_QUEUE
 
-    url = getattr(args, "url", None) or os.environ.get("FASTFIB_URL") or None
-    if url is not None:
-        try:
-            pika.URLParameters(url)
-        except Exception as exc:
-            print(f"fastfib call: bad broker URL: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+    url = getattr(args, "url", None)  # None: the client reads $FASTFIB_URL
+    queue = getattr(args, "queue", None) or os.environ.get("FASTFIB_QUEUE", "").strip() or DEFAULT_QUEUE
     try:
-        with FibonacciRpcClient(url, args.queue, timeout=args.timeout, format=args.format) as client:
+        client = FibonacciRpcClient(url, queue, timeout=args.timeout, format=args.format)
+    except ValueError as exc:  # a URL list that does not parse
+        print(f"fastfib call: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConnectionLost as exc:
+        print(f"fastfib call: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    try:
+        with client:
+            if client.consumer_count() == 0:
+                # Said at once, but the call still waits: a server may be starting.
+                print(f"fastfib call: warning: queue {queue!r} has no consumer (is a server running?); "
+                      f"waiting up to {args.timeout:g} s", file=sys.stderr, flush=True)
             values = client.call_many(args.n)
     except (RemoteError, ProtocolError) as exc:
         print(f"fastfib call: the server answered with an error: {exc}", file=sys.stderr)

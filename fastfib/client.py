@@ -1,25 +1,21 @@
 """The blocking client: :class:`FibonacciRpcClient`.
 
-One client holds one broker connection and one channel. A request is published
-to the default exchange with routing key = the service queue, ``mandatory``
-set, a fresh ``correlation_id`` (uuid4 hex), ``expiration`` and
+One client holds one broker connection and one channel at a time. A request is
+published to the default exchange with routing key = the service queue,
+``mandatory`` set, a fresh ``correlation_id`` (uuid4 hex), ``expiration`` and
 ``x-deadline-ms`` derived from the timeout, and ``accept`` naming the reply
 encoding; the reply comes back on Direct Reply-to (or on an exclusive
 server-named queue) and is decoded by its own ``content_type`` and ``x-error``
-(see ``docs/protocol.md``). ``docs/client.md`` explains the design choices.
-
-Everything that the asyncio client (:mod:`fastfib.aio`) shares with this one,
-argument checks, connection parameters, messages, lives here too, with a
-leading underscore.
+(see ``docs/protocol.md``). Requests are published with publisher confirms,
+settled asynchronously: a nacked request is sent again at once. When the
+connection is lost, the client connects to the next broker URL and sends every
+pending request again. ``docs/client.md`` explains the design choices; what
+this client shares with :mod:`fastfib.aio` is in :mod:`fastfib.rpc_base`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import operator
-import os
-import struct
 import threading
 import time
 import uuid
@@ -31,238 +27,40 @@ import pika
 import pika.exceptions
 from pika.spec import BasicProperties
 
-from .errors import ConnectionLost, ProtocolError, RemoteError, RpcError, RpcTimeout, Unroutable
-from .protocol import (
-    CONTENT_BINARY,
-    CONTENT_DECIMAL,
-    DEFAULT_QUEUE,
-    DEFAULT_URL,
-    DIRECT_REPLY_TO,
-    HEADER_ACCEPT,
-    HEADER_DEADLINE,
-    MAX_BODY_BYTES,
-    decode_reply,
+from .errors import ConnectionLost, ProtocolError, RemoteError, RpcError, RpcTimeout
+from .protocol import DEFAULT_QUEUE, DIRECT_REPLY_TO, decode_reply
+from .rpc_base import (
+    AUTH_ERRORS,
+    DEFAULT_STALL_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    LINK_ERRORS,
+    MAX_WIRE_N,
+    RECONNECT_FIRST_DELAY,
+    RECONNECT_MAX_DELAY,
+    REPLY_DIRECT,
+    REPLY_EXCLUSIVE,
+    ClientSettings,
+    Confirms,
+    NoConfirms,
+    PropertiesTemplate,
+    StalledConnection,
+    check_n,
+    check_timeout,
+    check_window,
+    connect_error,
+    consumer_note,
+    lost_message,
+    nack_delay,
+    timeout_message,
+    unroutable,
 )
 
 __all__ = ["FibonacciRpcClient", "DEFAULT_TIMEOUT", "REPLY_DIRECT", "REPLY_EXCLUSIVE"]
 
 _log = logging.getLogger(__name__)
 
-#: The timeout of a client built without one, in seconds.
-DEFAULT_TIMEOUT = 30.0
-
-#: ``reply_queue`` values: RabbitMQ's Direct Reply-to pseudo-queue (default) or
-#: a server-named, exclusive, auto-delete queue declared by the client.
-REPLY_DIRECT = "direct"
-REPLY_EXCLUSIVE = "exclusive"
-_REPLY_QUEUES = (REPLY_DIRECT, REPLY_EXCLUSIVE)
-
-#: ``format`` values -> the ``accept`` header that asks for them.
-_ACCEPT = {"binary": CONTENT_BINARY, "decimal": CONTENT_DECIMAL}
-
-#: The largest n whose decimal form fits in a request body.
-_MAX_WIRE_N = 10**MAX_BODY_BYTES - 1
-
-#: Broker refusals that no retry will cure.
-_AUTH_ERRORS = (
-    pika.exceptions.ProbableAuthenticationError,
-    pika.exceptions.ProbableAccessDeniedError,
-    pika.exceptions.AuthenticationError,
-    pika.exceptions.IncompatibleProtocolError,
-)
-
-#: What a lost or broken connection or channel raises out of pika.
-_LINK_ERRORS = (pika.exceptions.AMQPError, OSError)
-
-_RECONNECT_FIRST_DELAY = 0.05
-_RECONNECT_MAX_DELAY = 1.0
-
-
-# --- helpers shared with fastfib.aio -------------------------------------------------------
-
-
-def _check_n(n: Any) -> int:
-    """Reject what the server would reject, before sending it; return n as an int.
-
-    Like the kernel (``fastfib.fib``): an ``int`` or an object with
-    ``__index__`` (gmpy2.mpz, numpy integers) is accepted, ``bool`` is refused
-    as a likely mistake, anything else is a ``TypeError``.
-    """
-    if type(n) is not int:
-        if isinstance(n, bool):
-            raise TypeError("n must be an integer, not bool (True/False are refused as likely mistakes)")
-        try:
-            n = operator.index(n)
-        except TypeError:
-            raise TypeError(f"n must be an integer, not {type(n).__name__}") from None
-    if n < 0:
-        raise ValueError(f"n must not be negative, got {n}")
-    if n > _MAX_WIRE_N:
-        raise ValueError(f"n has more than {MAX_BODY_BYTES} digits; the protocol cannot carry it")
-    return n
-
-
-def _check_timeout(timeout: Any, what: str = "timeout") -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds, not {type(timeout).__name__}")
-    if not (timeout > 0 and math.isfinite(timeout)):
-        raise ValueError(f"{what} must be a positive, finite number of seconds, got {timeout!r}")
-    return float(timeout)
-
-
-def _check_window(window: Any) -> int:
-    if isinstance(window, bool) or not isinstance(window, int):
-        raise TypeError(f"window must be an int, not {type(window).__name__}")
-    if window < 1:
-        raise ValueError(f"window must be at least 1, got {window}")
-    return window
-
-
-def _accept_for(format: str) -> str:
-    try:
-        return _ACCEPT[format]
-    except (KeyError, TypeError):
-        raise ValueError(f"format must be 'binary' or 'decimal', got {format!r}") from None
-
-
-def _check_reply_queue(reply_queue: str) -> str:
-    if reply_queue not in _REPLY_QUEUES:
-        raise ValueError(f"reply_queue must be 'direct' or 'exclusive', got {reply_queue!r}")
-    return reply_queue
-
-
-def _connection_parameters(url: str | None, connection_name: str | None, kind: str) -> pika.URLParameters:
-    params = pika.URLParameters(url or DEFAULT_URL)
-    if connection_name is None:
-        connection_name = f"fastfib {kind} pid={os.getpid()} {uuid.uuid4().hex[:8]}"
-    props = dict(params.client_properties or {})
-    props.setdefault("product", "fastfib")
-    props["connection_name"] = connection_name
-    params.client_properties = props
-    return params
-
-
-def _timeout_message(queue: str, timeout: float, unanswered: int, total: int, note: str) -> str:
-    what = "no reply" if total == 1 else f"{unanswered} of {total} requests unanswered"
-    return f"{what} from queue {queue!r} within {timeout:g} s{note}"
-
-
-def _consumer_note(method_frame: Any) -> str:
-    """The part of a timeout message that describes the service queue."""
-    consumers = method_frame.consumer_count
-    if consumers == 0:
-        return "; the queue has no consumer (is a server running?)"
-    return f" ({consumers} consumer(s), {method_frame.message_count} request(s) waiting)"
-
-
-def _unroutable(queue: str, method: Any) -> Unroutable:
-    return Unroutable(
-        f"the broker could not route the request to queue {queue!r} "
-        f"({method.reply_code} {method.reply_text}): does the queue exist?"
-    )
-
-
-def _is_auth_error(exc: BaseException) -> bool:
-    return isinstance(exc, _AUTH_ERRORS)
-
-
-def _lost_message(queue: str, cause: BaseException | None) -> str:
-    why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
-    return f"the connection to the broker was lost{why} and could not be restored in time (queue {queue!r})"
-
-
-class _RequestProperties(BasicProperties):
-    """The properties of a request, encoded from a per-client template.
-
-    pika's ``BasicProperties`` sets 14 attributes and re-encodes every field,
-    headers table included, on every publish. A request's properties differ
-    only in ``correlation_id``, ``expiration`` and ``x-deadline-ms``, so this
-    subclass keeps the rest as ready-made bytes and produces exactly what
-    pika's ``encode()`` would (``tests/test_client_unit.py`` checks byte for
-    byte). Only ``encode()`` and ``INDEX`` are used by pika's publish path;
-    the attributes are there for whoever inspects a request.
-    """
-
-    # Everything this request does not set, as BasicProperties.__init__ would leave it.
-    content_type = content_encoding = delivery_mode = priority = None
-    message_id = timestamp = type = user_id = app_id = cluster_id = None
-
-    def __init__(self, template: _PropertiesTemplate, correlation_id: str, expiration: str, deadline_ms: int) -> None:
-        self._template = template
-        self.correlation_id = correlation_id
-        self.expiration = expiration
-        self._deadline_ms = deadline_ms
-
-    @property
-    def reply_to(self) -> str:  # type: ignore[override]
-        return self._template.reply_to
-
-    @property
-    def headers(self) -> dict:  # type: ignore[override]
-        return {HEADER_ACCEPT: self._template.accept, HEADER_DEADLINE: self._deadline_ms}
-
-    def __repr__(self) -> str:
-        return (
-            f"<RequestProperties correlation_id={self.correlation_id!r} reply_to={self.reply_to!r} "
-            f"expiration={self.expiration!r} headers={self.headers!r}>"
-        )
-
-    def encode(self) -> list[bytes]:
-        t = self._template
-        corr = self.correlation_id.encode()
-        exp = self.expiration.encode()
-        return [
-            t.head,
-            _pack_deadline(self._deadline_ms),
-            _pack_len(len(corr)) + corr,
-            t.reply_to_short,
-            _pack_len(len(exp)) + exp,
-        ]
-
-
-_pack_len = struct.Struct(">B").pack
-_pack_deadline = struct.Struct(">q").pack
-
-
-class _PropertiesTemplate:
-    """The constant part of a client's request properties (see :class:`_RequestProperties`)."""
-
-    __slots__ = ("accept", "reply_to", "head", "reply_to_short")
-
-    def __init__(self, accept: str, reply_to: str) -> None:
-        self.accept = accept
-        self.reply_to = reply_to
-        flags = (
-            BasicProperties.FLAG_HEADERS
-            | BasicProperties.FLAG_CORRELATION_ID
-            | BasicProperties.FLAG_REPLY_TO
-            | BasicProperties.FLAG_EXPIRATION
-        )
-        accept_b = accept.encode()
-        # The headers table as pika encodes it: {accept: str -> 'S' long string,
-        # x-deadline-ms: an int beyond 32 bits -> 'l' signed 64-bit}; the 8 bytes of the
-        # deadline itself follow the head.
-        entries = (
-            _short(HEADER_ACCEPT) + b"S" + struct.pack(">I", len(accept_b)) + accept_b
-            + _short(HEADER_DEADLINE) + b"l"
-        )
-        self.head = struct.pack(">HI", flags, len(entries) + 8) + entries
-        self.reply_to_short = _short(reply_to)
-
-    def __call__(self, correlation_id: str, expiration: str, deadline_ms: int) -> BasicProperties:
-        if deadline_ms < 2**31:  # never, for a Unix-epoch ms deadline; pika would pick a 32-bit int
-            return BasicProperties(
-                reply_to=self.reply_to,
-                correlation_id=correlation_id,
-                expiration=expiration,
-                headers={HEADER_ACCEPT: self.accept, HEADER_DEADLINE: deadline_ms},
-            )
-        return _RequestProperties(self, correlation_id, expiration, deadline_ms)
-
-
-def _short(text: str) -> bytes:
-    raw = text.encode()
-    return _pack_len(len(raw)) + raw
+#: How long opening confirm mode may take before the connection counts as broken, in seconds.
+_CONFIRM_SELECT_TIMEOUT = 10.0
 
 
 # --- the blocking client -------------------------------------------------------------------
@@ -271,7 +69,7 @@ def _short(text: str) -> bytes:
 class _Slot:
     """One request in flight."""
 
-    __slots__ = ("body", "deadline", "deadline_ms", "value", "error", "done", "index")
+    __slots__ = ("body", "deadline", "deadline_ms", "value", "error", "done", "index", "nacks")
 
     def __init__(self, body: bytes, deadline: float, deadline_ms: int, index: int = 0) -> None:
         self.body = body
@@ -281,23 +79,10 @@ class _Slot:
         self.error: BaseException | None = None
         self.done = False
         self.index = index
+        self.nacks = 0
 
 
-class _ClientSettings:
-    """The constructor arguments both clients share, checked and stored once."""
-
-    def _init_settings(self, url: str | None, queue: str, timeout: float | None, format: str, reply_queue: str,
-                       connection_name: str | None, kind: str) -> None:
-        self.queue = queue
-        self.timeout = DEFAULT_TIMEOUT if timeout is None else _check_timeout(timeout)
-        self.format = format
-        self._accept = _accept_for(format)
-        self.reply_queue = _check_reply_queue(reply_queue)
-        self._params = _connection_parameters(url, connection_name, kind)
-        self.connection_name: str = self._params.client_properties["connection_name"]
-
-
-class FibonacciRpcClient(_ClientSettings):
+class FibonacciRpcClient(ClientSettings):
     """Blocking client of the Fibonacci RPC service.
 
     >>> with FibonacciRpcClient() as fib:          # doctest: +SKIP
@@ -306,17 +91,28 @@ class FibonacciRpcClient(_ClientSettings):
     832040
     [0, 1, 1, 2, 3, 5, 8, 13, 21, 34]
 
-    ``url`` is an AMQP URL (default ``amqp://guest:guest@localhost:5672/%2F``),
-    ``queue`` the service queue. ``timeout`` (seconds, default
+    ``url`` is an AMQP URL, or several (the nodes of a cluster): a list, or
+    one string with the URLs separated by spaces or commas. ``None`` reads
+    ``$FASTFIB_URL``, else uses ``amqp://guest:guest@localhost:5672/%2F``.
+    The client connects to the first URL that answers; when it loses that
+    node it connects to the next one and sends its pending requests again.
+    ``queue`` is the service queue. ``timeout`` (seconds, default
     :data:`DEFAULT_TIMEOUT`) applies to each :meth:`call` and to each
     :meth:`call_many` batch unless the call passes its own. ``format`` is the
     reply encoding asked for: ``"binary"`` (default) or ``"decimal"``; either
     way the reply is decoded by its own content type. ``reply_queue`` is
     ``"direct"`` (Direct Reply-to, default) or ``"exclusive"`` (a server-named
     exclusive queue). ``connection_name`` is shown by the broker
-    (``rabbitmqctl list_connections client_properties``).
+    (``rabbitmqctl list_connections client_properties``). When requests are
+    pending, no reply has come for ``stall_timeout`` seconds and the service
+    queue holds no waiting request, the replies are taken as lost: the client
+    reconnects (to the next URL) and resends (see ``docs/client.md``).
+    ``confirms=False`` publishes without publisher confirms: about 10 % more
+    pipelined throughput, but a request the broker nacks is then only noticed
+    at its timeout.
 
-    The constructor connects; a failure raises :class:`~fastfib.errors.ConnectionLost`.
+    The constructor connects; when no URL can be reached it raises
+    :class:`~fastfib.errors.ConnectionLost` naming each host:port tried.
 
     A client may be shared between threads: each call holds the client's lock,
     so calls from several threads are serialized over the one connection.
@@ -324,31 +120,28 @@ class FibonacciRpcClient(_ClientSettings):
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | Iterable[str] | None = None,
         queue: str = DEFAULT_QUEUE,
         *,
         timeout: float | None = None,
         format: str = "binary",
         reply_queue: str = REPLY_DIRECT,
         connection_name: str | None = None,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        confirms: bool = True,
     ) -> None:
-        self._init_settings(url, queue, timeout, format, reply_queue, connection_name, "client")
-        self._default_socket_timeout = self._params.socket_timeout
-        self._default_stack_timeout = self._params.stack_timeout
-
+        self._init_settings(url, queue, timeout, format, reply_queue, connection_name, "client", stall_timeout,
+                            confirms)
         self._lock = threading.Lock()
         self._pending: dict[str, _Slot] = {}
         self._completed: list[_Slot] = []
         self._conn: pika.BlockingConnection | None = None
         self._channel: Any = None
         self._reply_to: str = DIRECT_REPLY_TO
+        self._confirms: Confirms | NoConfirms = NoConfirms()
+        self._nacked: list[tuple[float, str]] = []  # (when to resend, correlation id)
         self._closed = False
-        try:
-            self._connect()
-        except _AUTH_ERRORS as exc:
-            raise ConnectionLost(f"the broker refused the connection: {exc!r}") from exc
-        except _LINK_ERRORS as exc:
-            raise ConnectionLost(f"cannot connect to the broker: {exc!r}") from exc
+        self._connect_round(advance=False, deadline=None)
 
     # --- context manager and lifetime ------------------------------------------------
 
@@ -384,11 +177,11 @@ class FibonacciRpcClient(_ClientSettings):
         when no reply came within ``timeout`` seconds,
         :class:`~fastfib.errors.Unroutable` at once when the service queue
         does not exist, :class:`~fastfib.errors.ConnectionLost` when the
-        connection was lost and could not be restored within the timeout.
+        connection was lost and no broker URL could be reached within the timeout.
         """
-        if type(n) is not int or n < 0 or n > _MAX_WIRE_N:
-            n = _check_n(n)
-        t = self.timeout if timeout is None else _check_timeout(timeout)
+        if type(n) is not int or n < 0 or n > MAX_WIRE_N:
+            n = check_n(n)
+        t = self.timeout if timeout is None else check_timeout(timeout)
         body = b"%d" % n
         with self._lock:
             if self._closed:
@@ -397,26 +190,29 @@ class FibonacciRpcClient(_ClientSettings):
             slot = _Slot(body, now + t, int((time.time() + t) * 1000))
             corr = uuid.uuid4().hex
             pending = self._pending
+            if not pending:
+                self._last_progress = now
             pending[corr] = slot
             try:
-                channel = self._channel
-                if channel is None:  # a previous recovery failed: connect (and send) now
+                if self._channel is None:  # a previous recovery failed: connect (and send) now
                     self._recover(slot.deadline, None)
                 else:
                     try:
-                        channel.basic_publish(
-                            "", self.queue, body, self._props(corr, str(int(t * 1000) or 1), slot.deadline_ms), True
-                        )
-                    except _LINK_ERRORS as exc:
+                        self._publish(corr, slot, str(int(t * 1000) or 1))
+                    except LINK_ERRORS as exc:
                         self._recover(slot.deadline, exc)
                 while not slot.done:
                     remaining = slot.deadline - monotonic()
                     if remaining <= 0:
                         pending.pop(corr, None)
-                        raise RpcTimeout(_timeout_message(self.queue, t, 1, 1, self._queue_note()))
+                        raise RpcTimeout(timeout_message(self.queue, t, 1, 1, self._queue_note()))
                     try:
-                        self._conn.process_data_events(remaining)
-                    except _LINK_ERRORS as exc:
+                        self._conn.process_data_events(min(remaining, self._wait_limit()))
+                        if self._nacked:
+                            self._resend_nacked()
+                        if monotonic() - self._last_progress > self.stall_timeout and not slot.done:
+                            self._check_stall()
+                    except LINK_ERRORS as exc:
                         if not slot.done:
                             self._recover(slot.deadline, exc)
             finally:
@@ -443,11 +239,11 @@ class FibonacciRpcClient(_ClientSettings):
         ``return_exceptions`` is true: then a failed request's place in the
         list holds its :class:`~fastfib.errors.RemoteError` or
         :class:`~fastfib.errors.Unroutable`. A timeout or a lost connection
-        always raises.
+        that could not be restored in time always raises.
         """
-        ns = [n if type(n) is int and 0 <= n <= _MAX_WIRE_N else _check_n(n) for n in ns]
-        window = _check_window(window)
-        t = self.timeout if timeout is None else _check_timeout(timeout)
+        ns = [n if type(n) is int and 0 <= n <= MAX_WIRE_N else check_n(n) for n in ns]
+        window = check_window(window)
+        t = self.timeout if timeout is None else check_timeout(timeout)
         total = len(ns)
         results: list = [None] * total
         if not total:
@@ -458,6 +254,8 @@ class FibonacciRpcClient(_ClientSettings):
             deadline = monotonic() + t
             deadline_ms = int((time.time() + t) * 1000)
             pending = self._pending
+            if not pending:
+                self._last_progress = monotonic()
             completed = self._completed
             completed.clear()
             queue = self.queue
@@ -471,25 +269,29 @@ class FibonacciRpcClient(_ClientSettings):
                     if sent < total and sent - done < window:
                         expiration = str(max(1, int((deadline - monotonic()) * 1000)))
                         try:
+                            channel, confirms, props = self._channel, self._confirms, self._props
                             while sent < total and sent - done < window:
                                 body = b"%d" % ns[sent]
                                 corr = uuid.uuid4().hex
                                 pending[corr] = _Slot(body, deadline, deadline_ms, sent)
                                 mine.append(corr)
                                 sent += 1
-                                self._channel.basic_publish(
-                                    "", queue, body, self._props(corr, expiration, deadline_ms), True
-                                )
-                        except _LINK_ERRORS as exc:
+                                confirms.published(corr)
+                                channel.basic_publish("", queue, body, props(corr, expiration, deadline_ms), True)
+                        except LINK_ERRORS as exc:
                             self._recover(deadline, exc)
                     if not completed:
                         remaining = deadline - monotonic()
                         if remaining <= 0:
                             note = self._queue_note()
-                            raise RpcTimeout(_timeout_message(queue, t, total - done, total, note))
+                            raise RpcTimeout(timeout_message(queue, t, total - done, total, note))
                         try:
-                            self._conn.process_data_events(remaining)
-                        except _LINK_ERRORS as exc:
+                            self._conn.process_data_events(min(remaining, self._wait_limit()))
+                            if self._nacked:
+                                self._resend_nacked()
+                            if not completed and monotonic() - self._last_progress > self.stall_timeout:
+                                self._check_stall()
+                        except LINK_ERRORS as exc:
                             self._recover(deadline, exc)
                     for slot in completed:
                         if slot.error is not None:
@@ -506,11 +308,93 @@ class FibonacciRpcClient(_ClientSettings):
                 completed.clear()
         return results
 
+    def consumer_count(self) -> int | None:
+        """The number of consumers of the service queue now, or None when the queue does not exist.
+
+        One passive ``queue_declare`` on a channel of its own; raises
+        :class:`~fastfib.errors.ConnectionLost` when the client is not connected.
+        """
+        with self._lock:
+            if self._conn is None or not self._conn.is_open:
+                raise ConnectionLost("the client is not connected")
+            try:
+                method = self._declare_passive()
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code == 404:
+                    return None
+                raise
+            except LINK_ERRORS as exc:
+                raise ConnectionLost(lost_message(self.queue, exc)) from exc
+            return method.consumer_count
+
+    # --- publishing and its confirms --------------------------------------------------
+
+    def _publish(self, corr: str, slot: _Slot, expiration: str) -> None:
+        self._confirms.published(corr)
+        self._channel.basic_publish("", self.queue, slot.body, self._props(corr, expiration, slot.deadline_ms), True)
+
+    def _on_confirm(self, confirms: Confirms, frame: Any) -> None:
+        """``Basic.Ack``/``Basic.Nack`` of our requests (runs inside pika's frame processing)."""
+        if confirms is not self._confirms:
+            return  # a late confirm of a connection given up on
+        method = frame.method
+        corrs = confirms.settle(method.delivery_tag, method.multiple)
+        if isinstance(method, pika.spec.Basic.Nack):
+            # The broker did not take these: send them again once pika hands control back.
+            now = monotonic()
+            for corr in corrs:
+                slot = self._pending.get(corr)
+                if slot is not None and not slot.done:
+                    self.counters.nacked += 1
+                    slot.nacks += 1
+                    self._nacked.append((now + nack_delay(slot.nacks), corr))
+
+    def _check_stall(self) -> None:
+        """Nothing came back for ``stall_timeout`` seconds: give up this connection if the requests are lost.
+
+        A backlog (requests waiting in the service queue) explains the silence:
+        wait on. An empty queue does not: the requests or their replies were
+        lost (seen on a RabbitMQ 3.10 cluster: a channel whose first publish
+        came while the quorum queue elected a new leader had every request
+        confirmed and none queued). Raise so that the caller reconnects (a new
+        channel, on the next URL) and resends.
+        """
+        self._last_progress = monotonic()
+        try:
+            waiting = self._declare_passive().message_count
+        except pika.exceptions.ChannelClosedByBroker:
+            return  # the queue is gone: the resend path reports it as unroutable if it stays so
+        if waiting == 0:
+            error = StalledConnection(
+                f"no reply for {self.stall_timeout:g} s while {len(self._pending)} request(s) were pending "
+                "and the service queue held none"
+            )
+            _log.warning("%s; reconnecting", error)
+            raise error
+
+    def _resend_nacked(self) -> None:
+        now = monotonic()
+        due = [corr for when, corr in self._nacked if when <= now]
+        self._nacked = [item for item in self._nacked if item[0] > now]
+        for corr in due:
+            slot = self._pending.get(corr)
+            if slot is not None and not slot.done:
+                self._publish(corr, slot, str(max(1, int((slot.deadline - now) * 1000))))
+                self.counters.resent += 1
+
+    def _wait_limit(self) -> float:
+        """How long process_data_events may wait: until the stall check, or the next nacked resend."""
+        if not self._nacked:
+            return self.stall_timeout
+        return max(0.0, min(self.stall_timeout, min(when for when, _ in self._nacked) - monotonic()))
+
     # --- callbacks (run inside process_data_events, on the calling thread) -----------
 
     def _on_reply(self, channel: Any, method: Any, props: BasicProperties, body: bytes) -> None:
+        self._last_progress = monotonic()
         slot = self._pending.pop(props.correlation_id, None)
         if slot is None:
+            self.counters.duplicates += 1
             _log.debug("dropping a reply with unknown or duplicate correlation id %r", props.correlation_id)
             return
         try:
@@ -527,17 +411,52 @@ class FibonacciRpcClient(_ClientSettings):
         if slot is None:
             _log.debug("dropping a returned request with unknown correlation id %r", props.correlation_id)
             return
-        slot.error = _unroutable(method.routing_key, method)
+        slot.error = unroutable(method.routing_key, method)
         slot.done = True
         self._completed.append(slot)
 
     # --- connection management -------------------------------------------------------
 
-    def _connect(self) -> None:
-        conn = pika.BlockingConnection(self._params)
+    def _connect_round(self, advance: bool, deadline: float | None) -> None:
+        """Connect to the first URL that answers, starting with the current one or the next.
+
+        Raises :class:`ConnectionLost` naming every host:port tried when none
+        did; with ``deadline``, each attempt is bounded by the time left.
+        """
+        failures: list[tuple[str, BaseException]] = []
+        refused = True
+        for index in self._rotation(advance):
+            params = self._params[index]
+            socket_timeout, stack_timeout = params.socket_timeout, params.stack_timeout
+            if deadline is not None:
+                remaining = deadline - monotonic()
+                if remaining <= 0 and failures:
+                    break
+                params.socket_timeout = max(0.05, min(socket_timeout or remaining, remaining))
+                params.stack_timeout = max(0.05, min(stack_timeout or remaining, remaining))
+            try:
+                self._connect(params)
+            except AUTH_ERRORS as exc:
+                failures.append((self.urls[index], exc))
+            except LINK_ERRORS as exc:
+                failures.append((self.urls[index], exc))
+                refused = False
+            else:
+                self._url_index = index
+                return
+            finally:
+                params.socket_timeout, params.stack_timeout = socket_timeout, stack_timeout
+        raise connect_error(failures, refused) from failures[-1][1]
+
+    def _connect(self, params: pika.URLParameters) -> None:
+        conn = pika.BlockingConnection(params)
         try:
             channel = conn.channel()
             channel.add_on_return_callback(self._on_return)
+            confirms: Confirms | NoConfirms = NoConfirms()
+            if self.confirms:
+                confirms = Confirms()
+                _confirm_select(conn, channel, lambda frame: self._on_confirm(confirms, frame))
             if self.reply_queue == REPLY_EXCLUSIVE:
                 reply_to = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
             else:
@@ -548,7 +467,10 @@ class FibonacciRpcClient(_ClientSettings):
             _close_quietly(conn)
             raise
         self._conn, self._channel, self._reply_to = conn, channel, reply_to
-        self._props = _PropertiesTemplate(self._accept, reply_to)
+        self._confirms = confirms
+        self._last_progress = monotonic()
+        self._nacked.clear()  # whatever was nacked is resent with every pending request
+        self._props = PropertiesTemplate(self._accept, reply_to)
 
     def _drop_connection(self) -> None:
         conn, self._conn, self._channel = self._conn, None, None
@@ -556,47 +478,41 @@ class FibonacciRpcClient(_ClientSettings):
             _close_quietly(conn)
 
     def _recover(self, deadline: float, cause: BaseException | None) -> None:
-        """Reconnect and resend every pending request, before ``deadline``.
+        """Connect to the next URL that answers and resend every pending request, before ``deadline``.
 
         Raises :class:`ConnectionLost` when that is not possible: the deadline
-        passed, or the broker refused the credentials (which no retry cures).
+        passed, or every node refused the credentials (which no retry cures).
         """
         if self._closed:
             raise RpcError("the client is closed") from cause
-        if cause is not None and _is_auth_error(cause):
-            raise ConnectionLost(f"the broker refused the connection: {cause!r}") from cause
-        delay = _RECONNECT_FIRST_DELAY
+        if cause is not None:
+            _log.info("lost the connection to the broker: %r", cause)
+        delay = RECONNECT_FIRST_DELAY
         last = cause
-        params = self._params
-        try:
-            while True:
-                self._drop_connection()
-                remaining = deadline - monotonic()
-                if remaining <= 0:
-                    raise ConnectionLost(_lost_message(self.queue, last)) from last
-                # Bound each attempt by the caller's remaining time.
-                params.socket_timeout = max(0.05, min(self._default_socket_timeout or remaining, remaining))
-                params.stack_timeout = max(0.05, min(self._default_stack_timeout or remaining, remaining))
-                try:
-                    self._connect()
-                except _AUTH_ERRORS as exc:
-                    raise ConnectionLost(f"the broker refused the connection: {exc!r}") from exc
-                except _LINK_ERRORS as exc:
-                    last = exc
-                    time.sleep(max(0.0, min(delay, deadline - monotonic())))
-                    delay = min(delay * 2, _RECONNECT_MAX_DELAY)
-                    continue
-                try:
-                    self._await_queue(deadline)
-                    self._resend_pending()
-                except _LINK_ERRORS as exc:
-                    last = exc
-                    continue
-                _log.info("reconnected to the broker and resent %d request(s)", len(self._pending))
-                return
-        finally:
-            params.socket_timeout = self._default_socket_timeout
-            params.stack_timeout = self._default_stack_timeout
+        while True:
+            self._drop_connection()
+            if deadline - monotonic() <= 0:
+                if isinstance(cause, StalledConnection):  # connected all along: the replies did not come
+                    raise RpcTimeout(f"no reply from queue {self.queue!r} in time: {cause}") from cause
+                raise ConnectionLost(lost_message(self.queue, last)) from last
+            try:
+                self._connect_round(advance=True, deadline=deadline)
+            except ConnectionLost as exc:
+                if exc.refused:
+                    raise
+                last = exc
+                time.sleep(max(0.0, min(delay, deadline - monotonic())))
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                continue
+            self.counters.reconnects += 1
+            try:
+                self._await_queue(deadline)
+                resent = self._resend_pending()
+            except LINK_ERRORS as exc:
+                last = exc
+                continue
+            _log.info("reconnected to %s and resent %d request(s)", self.endpoint, resent)
+            return
 
     def _await_queue(self, deadline: float) -> None:
         """After a reconnect, wait (until ``deadline``) for the service queue to exist again.
@@ -608,12 +524,10 @@ class FibonacciRpcClient(_ClientSettings):
         its own (a 404 closes it); no permission is needed for it. If the queue
         is still missing at the deadline, the resend reports it (Unroutable).
         """
-        delay = _RECONNECT_FIRST_DELAY
+        delay = RECONNECT_FIRST_DELAY
         while True:
             try:
-                channel = self._conn.channel()
-                channel.queue_declare(self.queue, passive=True)
-                channel.close()
+                self._declare_passive()
                 return
             except pika.exceptions.ChannelClosedByBroker as exc:
                 if exc.reply_code != 404:
@@ -622,13 +536,28 @@ class FibonacciRpcClient(_ClientSettings):
             if remaining <= 0:
                 return
             self._conn.sleep(min(delay, remaining))  # keeps serving the connection meanwhile
-            delay = min(delay * 2, _RECONNECT_MAX_DELAY / 2)
+            delay = min(delay * 2, RECONNECT_MAX_DELAY / 2)
 
-    def _resend_pending(self) -> None:
+    def _resend_pending(self) -> int:
+        """Publish every pending request on the new connection; fib is idempotent, duplicates are dropped."""
         now = monotonic()
+        count = 0
         for corr, slot in list(self._pending.items()):
-            expiration = str(max(1, int((slot.deadline - now) * 1000)))
-            self._channel.basic_publish("", self.queue, slot.body, self._props(corr, expiration, slot.deadline_ms), True)
+            if not slot.done:
+                self._publish(corr, slot, str(max(1, int((slot.deadline - now) * 1000))))
+                count += 1
+        self.counters.resent += count
+        return count
+
+    def _declare_passive(self) -> Any:
+        """``Queue.DeclareOk`` of the service queue, asked on a channel of its own (a 404 closes it)."""
+        channel = self._conn.channel()
+        method = channel.queue_declare(self.queue, passive=True).method
+        try:
+            channel.close()
+        except LINK_ERRORS:
+            pass
+        return method
 
     def _queue_note(self) -> str:
         """Describe the service queue for a timeout message (one passive declare)."""
@@ -636,22 +565,29 @@ class FibonacciRpcClient(_ClientSettings):
         if conn is None or not conn.is_open:
             return ""
         try:
-            channel = conn.channel()
-        except _LINK_ERRORS:
-            return ""
-        try:
-            frame = channel.queue_declare(self.queue, passive=True)
+            return consumer_note(self._declare_passive())
         except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 404:
-                return "; the queue does not exist"
+            return "; the queue does not exist" if exc.reply_code == 404 else ""
+        except LINK_ERRORS:
             return ""
-        except _LINK_ERRORS:
-            return ""
-        try:
-            channel.close()
-        except _LINK_ERRORS:
-            pass
-        return _consumer_note(frame.method)
+
+
+def _confirm_select(conn: pika.BlockingConnection, channel: Any, on_ack_nack: Any) -> None:
+    """Put ``channel`` in publisher-confirm mode with ``on_ack_nack`` called for each confirm.
+
+    ``BlockingChannel.confirm_delivery()`` would make every ``basic_publish``
+    wait for its own confirm: one round trip per request, the end of
+    pipelining. The asynchronous ``Channel.confirm_delivery`` under it takes a
+    callback instead; ``BlockingChannel`` exposes that channel only as ``_impl``
+    (pika's one private name in this client).
+    """
+    selected: list[Any] = []
+    channel._impl.confirm_delivery(ack_nack_callback=on_ack_nack, callback=selected.append)
+    give_up = monotonic() + _CONFIRM_SELECT_TIMEOUT
+    while not selected:
+        if monotonic() > give_up:
+            raise pika.exceptions.AMQPConnectionError("the broker did not answer Confirm.Select")
+        conn.process_data_events(0.05)
 
 
 def _close_quietly(conn: Any) -> None:

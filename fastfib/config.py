@@ -34,6 +34,7 @@ from .server.settings import (
     WIRES,
     WorkerConfig,
 )
+from .urls import split_urls
 
 DEFAULT_METRICS_HOST = "127.0.0.1"
 
@@ -97,11 +98,11 @@ def non_empty(text: str) -> str:
 
 
 def url_list(text: str) -> list[str]:
-    """URLs separated by spaces or commas (the form of ``FASTFIB_URL``)."""
-    urls = text.replace(",", " ").split()
-    if not urls:
-        raise argparse.ArgumentTypeError("no URL given")
-    return urls
+    """URLs separated by spaces or commas (the form of ``FASTFIB_URL``, and of each ``--url``)."""
+    try:
+        return split_urls(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("no URL given") from None
 
 
 # --------------------------------------------------------------------------- the table
@@ -130,9 +131,9 @@ def _cpu_count() -> int:
 
 
 SERVE_OPTIONS: tuple[Option, ...] = (
-    Option("--url", "FASTFIB_URL", non_empty, (DEFAULT_URL,), kind="list", metavar="URL",
-           help="broker URL; repeat it for the nodes of a cluster (a worker that loses its node fails over to the "
-                "next). The variable takes several, separated by spaces or commas",
+    Option("--url", "FASTFIB_URL", url_list, (DEFAULT_URL,), kind="list", metavar="URL",
+           help="broker URL; for the nodes of a cluster, repeat it or give several separated by spaces or commas, "
+                "as the variable takes them (a worker that loses its node fails over to the next)",
            shown_default=DEFAULT_URL),
     Option("--queue", "FASTFIB_QUEUE", non_empty, DEFAULT_QUEUE, help="the service queue"),
     Option("--workers", "FASTFIB_WORKERS", positive_int, _cpu_count, metavar="N",
@@ -229,8 +230,8 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None,
                     raise ConfigError(f"environment variable {opt.env}={shown!r}: {exc}") from None
         if value is None:
             value = opt.default() if callable(opt.default) else opt.default
-        if opt.kind == "list":
-            value = tuple(value)
+        if opt.kind == "list":  # each --url may hold several URLs: one flat tuple
+            value = tuple(u for item in value for u in ([item] if isinstance(item, str) else item))
         values[opt.dest] = value
     return values
 

@@ -124,3 +124,49 @@ def test_as_a_command(broker_url, queue):
     )
     assert proc.returncode == EXIT_USAGE
     assert "negative" in proc.stderr
+
+
+def test_queue_from_the_environment(broker_url, queue, capsys, monkeypatch):
+    monkeypatch.setenv("FASTFIB_QUEUE", queue)
+    with FixtureServer(queue, conformant_handler()):
+        assert fastfib_call("12", "--url", broker_url) == EXIT_OK
+    assert capsys.readouterr().out == "144\n"
+
+
+def test_url_list_fails_over_to_the_next_url(broker_url, queue, capsys):
+    with TcpProxy() as proxy:
+        dead = proxy.url.replace("guest:guest@", "guest:s3cret@")
+    with FixtureServer(queue, conformant_handler()):
+        assert fastfib_call("10", "--url", f"{dead}, {broker_url}", "--queue", queue) == EXIT_OK
+    assert capsys.readouterr().out == "55\n"
+
+
+def test_unreachable_urls_are_each_named_with_the_password_masked(queue, capsys):
+    with TcpProxy() as one, TcpProxy() as two:
+        urls = [one.url.replace("guest:guest@", "guest:s3cret@"), two.url]
+    assert fastfib_call("5", "--url", " ".join(urls), "--queue", queue) == EXIT_TIMEOUT
+    err = capsys.readouterr().err
+    for proxy in (one, two):
+        assert f"127.0.0.1:{proxy.port} (ConnectionRefusedError" in err, err
+    assert "s3cret" not in err
+
+
+def test_no_consumer_warns_at_once_then_waits_for_a_server(broker_url, queue):
+    """The warning comes while the call still waits; a server that starts then answers it."""
+    declare(queue)
+    env = {**os.environ, "FASTFIB_URL": broker_url, "FASTFIB_QUEUE": queue}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastfib", "call", "10", "--timeout", "120"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        warning = proc.stderr.readline()
+        assert "has no consumer" in warning and repr(queue) in warning
+        assert proc.poll() is None  # still waiting for its reply
+        with FixtureServer(queue, conformant_handler()):
+            out, err = proc.communicate(timeout=120)
+        assert (proc.returncode, out) == (EXIT_OK, "55\n"), err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

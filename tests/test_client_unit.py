@@ -12,7 +12,7 @@ from pika import frame
 from pika.spec import BasicProperties
 
 from fastfib import protocol
-from fastfib.client import _check_n, _check_timeout, _check_window, _PropertiesTemplate
+from fastfib.rpc_base import PropertiesTemplate, check_n, check_timeout, check_window
 
 
 def reference(reply_to, accept, corr, expiration, deadline):
@@ -32,7 +32,7 @@ def reference(reply_to, accept, corr, expiration, deadline):
     deadline=st.integers(2**31, 2**63 - 1),
 )
 def test_request_properties_encode_exactly_like_pika(reply_to, accept, corr, expiration, deadline):
-    props = _PropertiesTemplate(accept, reply_to)(corr, expiration, deadline)
+    props = PropertiesTemplate(accept, reply_to)(corr, expiration, deadline)
     ref = reference(reply_to, accept, corr, expiration, deadline)
     assert b"".join(props.encode()) == b"".join(ref.encode())
     assert frame.Header(1, 10, props).marshal() == frame.Header(1, 10, ref).marshal()
@@ -52,7 +52,7 @@ def test_request_properties_encode_exactly_like_pika(reply_to, accept, corr, exp
 
 def test_small_deadline_falls_back_to_pika():
     # Not a real Unix-epoch-ms deadline, but the template must never encode it differently from pika.
-    props = _PropertiesTemplate(protocol.CONTENT_BINARY, protocol.DIRECT_REPLY_TO)("c", "5", 12345)
+    props = PropertiesTemplate(protocol.CONTENT_BINARY, protocol.DIRECT_REPLY_TO)("c", "5", 12345)
     ref = reference(protocol.DIRECT_REPLY_TO, protocol.CONTENT_BINARY, "c", "5", 12345)
     assert b"".join(props.encode()) == b"".join(ref.encode())
 
@@ -60,42 +60,42 @@ def test_small_deadline_falls_back_to_pika():
 def test_current_deadline_is_64_bit():
     deadline = protocol.deadline_header(30)
     assert deadline > 2**31
-    props = _PropertiesTemplate(protocol.CONTENT_BINARY, protocol.DIRECT_REPLY_TO)("c", "30000", deadline)
+    props = PropertiesTemplate(protocol.CONTENT_BINARY, protocol.DIRECT_REPLY_TO)("c", "30000", deadline)
     assert repr(props).startswith("<RequestProperties")
 
 
 @pytest.mark.parametrize("n", [0, 1, 10**63, 10**64 - 1, gmpy2.mpz(7)])
-def test_check_n_accepts(n):
-    assert _check_n(n) == n
-    assert type(_check_n(n)) is int
+def testcheck_n_accepts(n):
+    assert check_n(n) == n
+    assert type(check_n(n)) is int
 
 
 @pytest.mark.parametrize("n", [True, False, 1.0, "1", b"1", None, [1], 1j])
-def test_check_n_type_errors(n):
+def testcheck_n_type_errors(n):
     with pytest.raises(TypeError):
-        _check_n(n)
+        check_n(n)
 
 
 @pytest.mark.parametrize("n", [-1, -(10**70), 10**64, gmpy2.mpz(-3)])
-def test_check_n_value_errors(n):
+def testcheck_n_value_errors(n):
     with pytest.raises(ValueError):
-        _check_n(n)
+        check_n(n)
 
 
-def test_check_timeout_and_window():
-    assert _check_timeout(1) == 1.0
-    assert _check_timeout(0.001) == 0.001
+def testcheck_timeout_and_window():
+    assert check_timeout(1) == 1.0
+    assert check_timeout(0.001) == 0.001
     for bad in (0, -1, float("inf"), float("nan")):
         with pytest.raises(ValueError):
-            _check_timeout(bad)
+            check_timeout(bad)
     for bad in ("1", None, True):
         with pytest.raises(TypeError):
-            _check_timeout(bad)
-    assert _check_window(1) == 1
+            check_timeout(bad)
+    assert check_window(1) == 1
     with pytest.raises(ValueError):
-        _check_window(0)
+        check_window(0)
     with pytest.raises(TypeError):
-        _check_window(2.0)
+        check_window(2.0)
 
 
 def test_deadline_header_matches_protocol_helper():

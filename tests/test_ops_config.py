@@ -256,3 +256,12 @@ def test_wire_from_flag_env_and_default():
     assert settings(["--wire", "fast"], {"FASTFIB_WIRE": "pika"}).worker.wire == "fast"
     with pytest.raises(cfg.ConfigError, match="FASTFIB_WIRE"):
         settings([], {"FASTFIB_WIRE": "fastest"})
+
+
+def test_one_url_flag_may_hold_several_urls_like_the_variable():
+    """`--url "A B C"` is split as FASTFIB_URL is (it used to be read as one URL whose vhost was `/ amqp:`)."""
+    a, b, c = "amqp://a:1@h1:5681/%2F", "amqp://a:1@h2:5682/%2F", "amqp://a:1@h3:5683/%2F"
+    assert settings(["--url", f"{a} {b} {c}"]).worker.urls == (a, b, c)
+    assert settings(["--url", f"{a},{b}", "--url", c]).worker.urls == (a, b, c)
+    with pytest.raises(SystemExit):
+        settings(["--url", " , "])
