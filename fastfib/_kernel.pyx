@@ -55,6 +55,9 @@ cdef extern from "gmp.h":
     size_t mpz_sizeinbase(mpz_srcptr, int) nogil
     char *mpz_get_str(char *, int, mpz_srcptr) nogil
     void *mpz_export(void *, size_t *, int, size_t, int, size_t, mpz_srcptr) nogil
+    ctypedef long mp_size_t
+    mp_limb_t *mpz_limbs_modify(mpz_ptr, mp_size_t) nogil
+    size_t mpn_get_str(unsigned char *, int, mp_limb_t *, mp_size_t) nogil
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_t:
@@ -67,6 +70,55 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_attr_setdetachstate(pthread_attr_t *, int)
     enum: PTHREAD_CREATE_DETACHED
     int pthread_sigmask(int, const sigset_t *, sigset_t *)
+
+cdef extern from *:
+    """
+    #include <gmp.h>
+    #include <string.h>
+
+    /* z >= 0 as `count` big-endian bytes, count = ceil(bits/8) >= 1. mpz_export
+       with 1-byte words goes byte by byte through a generic loop (about 34
+       instructions a byte); whole 64-bit limbs byte-swapped cost about one. */
+    static void fastfib_write_be(unsigned char *dst, size_t count, mpz_srcptr z) {
+    #if GMP_LIMB_BITS == 64 && GMP_NAIL_BITS == 0 && defined(__GNUC__)
+        size_t nlimbs = mpz_size(z), i;
+        const mp_limb_t *limbs = mpz_limbs_read(z);
+        unsigned char *p = dst + count;
+        mp_limb_t top;
+        if (nlimbs == 0) {
+            dst[0] = 0;
+            return;
+        }
+        for (i = 0; i + 1 < nlimbs; i++) {
+            unsigned long long v = __builtin_bswap64((unsigned long long)limbs[i]);
+            p -= 8;
+            memcpy(p, &v, 8);
+        }
+        for (top = limbs[nlimbs - 1]; p > dst; top >>= 8)
+            *--p = (unsigned char)top;
+    #else
+        dst[0] = 0;  /* mpz_export writes nothing for zero */
+        mpz_export(dst, &count, 1, 1, 1, 0, z);
+    #endif
+    }
+
+    /* Digits 0..9 (as mpn_get_str writes them) to ASCII, in place. */
+    static void fastfib_to_ascii(unsigned char *p, size_t len) {
+        size_t i;
+        for (i = 0; i < len; i++)
+            p[i] += '0';
+    }
+
+    /* A flag that one thread at a time holds: 1 if this call took it. */
+    static inline int fastfib_take(int *busy) { return __atomic_exchange_n(busy, 1, __ATOMIC_ACQUIRE) == 0; }
+    static inline void fastfib_give(int *busy) { __atomic_store_n(busy, 0, __ATOMIC_RELEASE); }
+    static inline size_t fastfib_alloc_bits(mpz_srcptr z) { return (size_t)z->_mp_alloc * GMP_NUMB_BITS; }
+    """
+    void fastfib_write_be(unsigned char *, size_t, mpz_srcptr) nogil
+    void fastfib_to_ascii(unsigned char *, size_t) nogil
+    bint fastfib_take(int *) nogil
+    void fastfib_give(int *) nogil
+    size_t fastfib_alloc_bits(mpz_srcptr) nogil
 
 cdef extern from "Python.h":
     int _PyBytes_Resize(PyObject **, Py_ssize_t) except -1
@@ -412,22 +464,60 @@ cdef int fib_into(mpz_ptr out, unsigned long n, int threads=1) except -1 nogil:
         return 0
     # Sized up front for the largest intermediate (F[n/2] has about 0.347 n
     # bits, its square twice that), so GMP never reallocates mid-way.
-    bits = (n >> 1) * 1389 // 1000 + 128
-    mpz_init2(fk, bits)
-    mpz_init2(fk1, bits)
-    mpz_init2(a, bits)
-    mpz_init2(b, bits)
+    bits = _work_bits(n)
     # If the system refuses a thread, the same result is computed on this one.
     if threads >= 2 and n >= THREADS_MIN:
         h = _helper_start()
-    _doubling(out, n, fk, fk1, a, b, h)
+    if n <= SCRATCH_MAX_N and fastfib_take(&_scratch_busy):
+        _reserve(_scratch_fk, bits)
+        _reserve(_scratch_fk1, bits)
+        _reserve(_scratch_a, bits)
+        _reserve(_scratch_b, bits)
+        _doubling(out, n, _scratch_fk, _scratch_fk1, _scratch_a, _scratch_b, h)
+        fastfib_give(&_scratch_busy)
+    else:
+        mpz_init2(fk, bits)
+        mpz_init2(fk1, bits)
+        mpz_init2(a, bits)
+        mpz_init2(b, bits)
+        _doubling(out, n, fk, fk1, a, b, h)
+        mpz_clear(fk)
+        mpz_clear(fk1)
+        mpz_clear(a)
+        mpz_clear(b)
     if h != NULL:
         _helper_stop(h)
-    mpz_clear(fk)
-    mpz_clear(fk1)
-    mpz_clear(a)
-    mpz_clear(b)
     return 0
+
+
+cdef inline mp_bitcnt_t _work_bits(unsigned long n) noexcept nogil:
+    """Bits for each temporary of F(n) (and for F(n) itself): F[n/2]^2 has about 0.694 n."""
+    return (n >> 1) * 1389 // 1000 + 128
+
+
+cdef inline void _reserve(mpz_ptr z, mp_bitcnt_t bits) noexcept nogil:
+    """Make room for ``bits`` in ``z``, dropping its value (no copy of the old limbs)."""
+    if fastfib_alloc_bits(z) < bits:
+        mpz_clear(z)
+        mpz_init2(z, bits)
+
+
+# Scratch numbers reused from call to call for n <= SCRATCH_MAX_N (about 0.9 MB
+# at most, kept for the life of the process). Fresh temporaries of this size
+# come from the top of the heap, which free() gives back to the system, so each
+# call paid page faults for them (15 a call over n in [10^5, 10^6], 2% of the
+# time; gmpy2.fib's temporaries live on the stack). One caller at a time holds
+# a set (the flag); a concurrent call allocates its own.
+cdef enum:
+    SCRATCH_MAX_N = 1 << 21
+cdef int _scratch_busy = 0
+cdef int _out_busy = 0
+cdef mpz_t _scratch_fk, _scratch_fk1, _scratch_a, _scratch_b, _scratch_out
+mpz_init2(_scratch_fk, 64)
+mpz_init2(_scratch_fk1, 64)
+mpz_init2(_scratch_a, 64)
+mpz_init2(_scratch_b, 64)
+mpz_init2(_scratch_out, 64)
 
 
 # Temporaries for small n, reused from call to call so that a call allocates
@@ -602,6 +692,11 @@ cdef bytes encode_decimal(mpz_srcptr z):
         with nogil:
             mpz_get_str(buf, 10, z)
     cdef Py_ssize_t used = <Py_ssize_t>strlen(buf)
+    return _bytes_final(raw, size, used)
+
+
+cdef bytes _bytes_final(PyObject *raw, Py_ssize_t size, Py_ssize_t used):
+    """The bytes object ``raw`` (an owned reference) cut down to ``used`` bytes."""
     if used != size:
         _PyBytes_Resize(&raw, used)  # frees the object and raises on failure
     cdef object out = <object>raw  # takes a second reference...
@@ -609,27 +704,39 @@ cdef bytes encode_decimal(mpz_srcptr z):
     return out
 
 
+cdef bytes _encode_decimal_consuming(mpz_ptr z):
+    """z > 0 as ASCII decimal, like encode_decimal, but z's value is destroyed.
+
+    mpn_get_str works on z's own limbs, where mpz_get_str first copies them
+    into a fresh temporary (more page faults), and it returns the exact length.
+    """
+    cdef Py_ssize_t size = <Py_ssize_t>mpz_sizeinbase(z, 10)
+    cdef mp_size_t nlimbs = <mp_size_t>mpz_size(z)
+    cdef PyObject *raw = _bytes_new(NULL, size)
+    cdef unsigned char *buf = <unsigned char *>PyBytes_AS_STRING(<object>raw)
+    cdef size_t used
+    with nogil:
+        used = mpn_get_str(buf, 10, mpz_limbs_modify(z, nlimbs), nlimbs)
+        fastfib_to_ascii(buf, used)
+    mpz_set_ui(z, 0)  # its limbs hold garbage now
+    buf[used] = 0
+    return _bytes_final(raw, size, <Py_ssize_t>used)
+
+
 cdef bytes encode_binary(mpz_srcptr z):
     """z >= 0 as unsigned big-endian bytes of minimal length; zero is one 0x00 byte."""
     cdef size_t count = (mpz_sizeinbase(z, 2) + 7) // 8
     cdef object out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>count)
-    cdef char *buf = PyBytes_AS_STRING(out)
-    buf[0] = 0  # mpz_export writes nothing for zero
-    # Small values (all that _fib_small makes) keep the GIL, which also guards
-    # the shared small-n temporaries.
-    if count < 8192:
-        mpz_export(buf, &count, 1, 1, 1, 0, z)
-    else:
-        with nogil:
-            mpz_export(buf, &count, 1, 1, 1, 0, z)
+    fastfib_write_be(<unsigned char *>PyBytes_AS_STRING(out), count, z)
     return out
 
 
 def fib_encoded(n, fmt="decimal", threads=1):
     """F(n) encoded for a protocol v1 reply: ``fmt`` is "decimal" or "binary".
 
-    The bytes are written straight from the GMP integer (``mpz_get_str`` or
-    ``mpz_export``), with no Python int in between. ``threads`` is as for :func:`fib`.
+    The bytes are written straight from the GMP integer's limbs (by
+    ``mpn_get_str`` or a byte-swapping copy), with no Python int in between.
+    ``threads`` is as for :func:`fib`.
     """
     cdef bint binary
     if fmt == "binary":
@@ -640,17 +747,28 @@ def fib_encoded(n, fmt="decimal", threads=1):
         raise ValueError(f"fmt must be 'decimal' or 'binary', not {fmt!r}")
     cdef unsigned long un = _check_n(n)
     cdef int t = _threads_of(threads)
-    cdef mpz_t z
+    cdef mpz_t own
+    cdef mpz_ptr z
     if un < NOGIL_MIN_N:
         _fib_small(_small_out, un)
         return encode_binary(_small_out) if binary else encode_decimal(_small_out)
-    mpz_init2(z, 64)
+    # F(n) is a temporary here: reuse the scratch one when it is free.
+    cdef bint scratch = un <= SCRATCH_MAX_N and fastfib_take(&_out_busy)
+    if scratch:
+        z = _scratch_out
+        _reserve(z, _work_bits(un))
+    else:
+        mpz_init2(own, 64)
+        z = own
     try:
         with nogil:
             fib_into(z, un, t)
-        return encode_binary(z) if binary else encode_decimal(z)
+        return encode_binary(z) if binary else _encode_decimal_consuming(z)
     finally:
-        mpz_clear(z)
+        if scratch:
+            fastfib_give(&_out_busy)
+        else:
+            mpz_clear(own)
 
 
 def encode(z, fmt="decimal"):
