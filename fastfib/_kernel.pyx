@@ -33,6 +33,8 @@ from posix.signal cimport SIG_SETMASK, sigfillset
 from posix.time cimport nanosleep, timespec
 from posix.types cimport sigset_t
 
+import time
+
 from fastfib.errors import FibRangeError
 
 cdef extern from "gmp.h":
@@ -270,6 +272,7 @@ cdef extern from *:
     static inline void fastfib_set(int *p) { __atomic_store_n(p, 1, __ATOMIC_SEQ_CST); }
     /* The caller and the helper each drop one reference; the last frees. */
     static inline int fastfib_release(int *refs) { return __atomic_sub_fetch(refs, 1, __ATOMIC_ACQ_REL) == 0; }
+    static inline void fastfib_count(int *p) { __atomic_add_fetch(p, 1, __ATOMIC_RELAXED); }
     """
     ctypedef struct fastfib_event:
         pass
@@ -283,6 +286,7 @@ cdef extern from *:
     bint fastfib_is_set(int *) nogil
     void fastfib_set(int *) nogil
     bint fastfib_release(int *) nogil
+    void fastfib_count(int *) nogil
     long long fastfib_now_ns() nogil
 
 
@@ -303,9 +307,19 @@ cdef enum:
     # are asked for: handing a product over costs more than sharing a product
     # of numbers this small saves. Measured: docs/kernel.md.
     PAR_MIN_M = 20000
-    # threads >= 2 starts a helper thread only for n at least this: below it,
-    # the few products it could share do not pay for the thread.
-    THREADS_MIN = 600000
+    # threads >= 2 never starts a helper thread below this n (the first rung of
+    # the calibration ladder); from it on, only at or above the threshold that
+    # the calibration found on this machine (_threads_threshold).
+    THREADS_MIN = 1 << 17
+    # The ladder's top rung, and the threshold when two threads won on no rung.
+    CAL_TOP_N = 1 << 21
+    CAL_NEVER_N = 1 << 22
+    # The calibration stops measuring after this long (the rungs double in cost).
+    CAL_BUDGET_NS = 60000000
+    # Two threads win a rung when they take at most this percentage of one
+    # thread's time: a clear margin, so that noise alone does not make a win.
+    CAL_WIN_PCT = 90
+    CAL_MAX_RUNGS = 8
     # A waiting thread spins this long (plus SPIN_NS_PER_LIMB per limb of the
     # last product, as the caller's linear work between two steps grows with
     # it), then sleeps: waking a sleeping thread costs tens of microseconds.
@@ -314,11 +328,15 @@ cdef enum:
     # The helper's heartbeat is at most this old while it spins (it beats every 64 pauses).
     BEAT_FRESH_NS = 20000
 
-#: ``threads`` >= 2 is used only for n >= THREADS_MIN_N; below, one thread computes F(n).
+#: ``threads`` >= 2 is never used below this n; at or above it, only from the
+#: threshold calibrated on this machine (:func:`threads_min_n`).
 THREADS_MIN_N = THREADS_MIN
 # For the tests: the step threshold and the GIL threshold.
 _PAR_MIN_M = PAR_MIN_M
 _NOGIL_MIN_N = NOGIL_MIN_N
+
+# Helper threads started by this process (for the tests: _helpers_started).
+cdef int _helper_count = 0
 
 # Tests only (_set_helper_delay): the helper sleeps this long before it claims
 # a product, so that the caller takes products back and stale wake-ups happen.
@@ -394,6 +412,8 @@ cdef Helper *_helper_start() noexcept nogil:
     sigfillset(&every)
     pthread_sigmask(SIG_SETMASK, &every, &old)
     rc = pthread_create(&h.tid, &attr, _helper_main, h)
+    if rc == 0:
+        fastfib_count(&_helper_count)
     pthread_sigmask(SIG_SETMASK, &old, NULL)
     pthread_attr_destroy(&attr)
     if rc != 0:
@@ -466,7 +486,7 @@ cdef int fib_into(mpz_ptr out, unsigned long n, int threads=1) except -1 nogil:
     # bits, its square twice that), so GMP never reallocates mid-way.
     bits = _work_bits(n)
     # If the system refuses a thread, the same result is computed on this one.
-    if threads >= 2 and n >= THREADS_MIN:
+    if threads >= 2 and n >= THREADS_MIN and n >= _threads_threshold():
         h = _helper_start()
     if n <= SCRATCH_MAX_N and fastfib_take(&_scratch_busy):
         _reserve(_scratch_fk, bits)
@@ -518,6 +538,194 @@ mpz_init2(_scratch_fk1, 64)
 mpz_init2(_scratch_a, 64)
 mpz_init2(_scratch_b, 64)
 mpz_init2(_scratch_out, 64)
+
+
+# ---------------------------------------------------------------------------
+# Where two threads start to pay, calibrated once per process.
+#
+# The crossover depends on the machine (core speed, caches, how fast a thread
+# starts and wakes up) and moved between days on the same VM, so a constant
+# tuned on one machine made threads=2 slower than threads=1 on another. At the
+# first call with threads >= 2 and n >= THREADS_MIN_N, the calling thread times
+# F(n) on one and on two threads at n = 2^17, 2^18, ... 2^21 (interleaved,
+# the best of three each, so that a burst of load from elsewhere does not
+# decide), and stops at the first two rungs in a row where two threads win by
+# 10%, or after CAL_BUDGET_NS. Other callers use one thread meanwhile: never a
+# wait. The threshold reflects the machine at that moment: a second core that
+# other processes take later makes threads=2 cost a few percent more (the
+# caller takes back the products the helper has not started).
+# ---------------------------------------------------------------------------
+
+cdef extern from *:
+    """
+    #include <unistd.h>
+    static inline int fastfib_load_int(int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void fastfib_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline int fastfib_cas_int(int *p, int expected, int desired) {
+        return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    }
+    """
+    int fastfib_load_int(int *) nogil
+    void fastfib_store_int(int *, int) nogil
+    bint fastfib_cas_int(int *, int, int) nogil
+    int getpid() nogil
+
+# _cal_done is set (release) after _threads_min is written. _cal_owner is the
+# pid of the process calibrating: a child forked mid-calibration sees its
+# parent's pid there and calibrates for itself.
+cdef int _cal_done = 0
+cdef int _cal_owner = 0
+cdef unsigned long _threads_min = CAL_NEVER_N
+cdef int _cal_count = 0
+cdef unsigned long _cal_n[CAL_MAX_RUNGS]
+cdef long long _cal_t1[CAL_MAX_RUNGS]
+cdef long long _cal_t2[CAL_MAX_RUNGS]
+cdef long long _cal_ns = 0
+
+
+cdef unsigned long _pick_threshold(int count, unsigned long *ns, long long *t1, long long *t2,
+                                   bint ended) noexcept nogil:
+    """The threshold from the rungs measured so far, or 0 to measure the next rung.
+
+    Two threads must win on the rung and on every rung above it that was
+    measured; two wins in a row decide, one win on the ladder's top rung too.
+    """
+    cdef int i = count, streak
+    while i > 0 and t2[i - 1] * 100 <= t1[i - 1] * CAL_WIN_PCT:
+        i -= 1
+    streak = count - i
+    if streak >= 2 or (streak == 1 and ended):
+        return ns[i]
+    return CAL_NEVER_N if ended else 0
+
+
+cdef long long _time_fib(unsigned long n, bint two, mpz_ptr out, mpz_ptr fk, mpz_ptr fk1,
+                         mpz_ptr a, mpz_ptr b) noexcept nogil:
+    cdef long long t0 = fastfib_now_ns()
+    cdef Helper *h = _helper_start() if two else NULL
+    _doubling(out, n, fk, fk1, a, b, h)
+    if h != NULL:
+        _helper_stop(h)
+    return fastfib_now_ns() - t0
+
+
+cdef unsigned long _calibrate() noexcept nogil:
+    """Time one thread against two on the ladder (see above); returns the threshold."""
+    global _cal_count, _cal_ns
+    cdef mpz_t out, fk, fk1, a, b
+    cdef mp_bitcnt_t bits = _work_bits(CAL_TOP_N)
+    cdef unsigned long n = THREADS_MIN, found = 0
+    cdef long long start = fastfib_now_ns(), x, y
+    cdef int i = 0, r
+    cdef bint ended
+    mpz_init2(out, bits)
+    mpz_init2(fk, bits)
+    mpz_init2(fk1, bits)
+    mpz_init2(a, bits)
+    mpz_init2(b, bits)
+    while found == 0:
+        x = y = 1LL << 62
+        for r in range(6):  # one, two, two, one, one, two
+            if r == 0 or r == 3 or r == 4:
+                x = min(x, _time_fib(n, False, out, fk, fk1, a, b))
+            else:
+                y = min(y, _time_fib(n, True, out, fk, fk1, a, b))
+        _cal_n[i] = n
+        _cal_t1[i] = x
+        _cal_t2[i] = y
+        i += 1
+        n <<= 1
+        ended = n > CAL_TOP_N or i == CAL_MAX_RUNGS
+        found = _pick_threshold(i, _cal_n, _cal_t1, _cal_t2, ended)
+        # The next rung costs about twice this one's six runs: out of time, an
+        # undecided calibration keeps one thread below the ladder's top.
+        if found == 0 and fastfib_now_ns() - start + 2 * 3 * (x + y) > CAL_BUDGET_NS:
+            found = CAL_NEVER_N
+    mpz_clear(out)
+    mpz_clear(fk)
+    mpz_clear(fk1)
+    mpz_clear(a)
+    mpz_clear(b)
+    _cal_count = i
+    _cal_ns = fastfib_now_ns() - start
+    return found
+
+
+cdef unsigned long _threads_threshold() noexcept nogil:
+    """The calibrated threshold; calibrates on first use; -1 (never) while another thread calibrates."""
+    global _threads_min
+    cdef int owner, me
+    if fastfib_load_int(&_cal_done):
+        return _threads_min
+    owner = fastfib_load_int(&_cal_owner)
+    me = getpid()
+    if owner == me or not fastfib_cas_int(&_cal_owner, owner, me):
+        return <unsigned long>-1
+    _threads_min = _calibrate()
+    fastfib_store_int(&_cal_done, 1)
+    return _threads_min
+
+
+def threads_min_n():
+    """The smallest n for which ``threads`` >= 2 uses a second thread in this process.
+
+    Calibrated on first use (by this call, or by the first ``fib``/``fib_encoded``
+    call with ``threads`` >= 2 and n >= THREADS_MIN_N): F(n) is timed on one and
+    on two threads at a few sizes, for at most about 60 ms, and two threads are
+    used only from the size where they were measured at least 10% faster (on
+    two sizes in a row). If they won nowhere, the threshold is above every size
+    tried (2^22).
+    """
+    cdef unsigned long t
+    while True:
+        with nogil:
+            t = _threads_threshold()
+        if t != <unsigned long>-1:
+            return t
+        time.sleep(0.001)  # another thread is calibrating
+
+
+def threads_calibration():
+    """What the calibration measured: ``None`` before it ran, else a dict with
+    ``threads_min_n``, ``ms`` and ``rungs`` (``n``, ``one_ns``, ``two_ns`` each:
+    the best of three timings of F(n) on one and on two threads)."""
+    if not fastfib_load_int(&_cal_done):
+        return None
+    return {
+        "threads_min_n": _threads_min,
+        "ms": _cal_ns / 1e6,
+        "rungs": [{"n": _cal_n[i], "one_ns": _cal_t1[i], "two_ns": _cal_t2[i]} for i in range(_cal_count)],
+    }
+
+
+def _set_threads_min_n(unsigned long n):
+    """Tests only: use ``n`` as the threshold (0: forget it, so that the next use calibrates)."""
+    global _threads_min, _cal_count
+    if n == 0:
+        fastfib_store_int(&_cal_done, 0)
+        fastfib_store_int(&_cal_owner, 0)
+        return
+    _threads_min = n
+    _cal_count = 0
+    fastfib_store_int(&_cal_done, 1)
+
+
+def _pick_threshold_for(rungs, bint ended):
+    """Tests only: the decision of the calibration on ``rungs`` [(n, one_ns, two_ns), ...]."""
+    cdef unsigned long ns[CAL_MAX_RUNGS]
+    cdef long long t1[CAL_MAX_RUNGS]
+    cdef long long t2[CAL_MAX_RUNGS]
+    cdef int i
+    if len(rungs) > CAL_MAX_RUNGS:
+        raise ValueError("too many rungs")
+    for i, (n, one, two) in enumerate(rungs):
+        ns[i], t1[i], t2[i] = n, one, two
+    return _pick_threshold(len(rungs), ns, t1, t2, ended)
+
+
+def _helpers_started():
+    """Tests only: how many helper threads this process has started."""
+    return fastfib_load_int(&_helper_count)
 
 
 # Temporaries for small n, reused from call to call so that a call allocates
