@@ -23,7 +23,6 @@ import os
 import queue as queue_mod
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -36,10 +35,9 @@ import pika
 import psutil
 from hdrh.histogram import HdrHistogram
 
+from .common import CLIENT_BASELINE_ROW, CLIENT_ROW, DEFAULT_URL, ROOT, median  # noqa: F401 (DEFAULT_URL: bench.__main__)
+from .environment import collect_environment
 from .load import plain
-
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_URL = os.environ.get("FASTFIB_URL", "amqp://guest:guest@localhost:5672/%2F")
 
 #: The grid of the full run.
 FULL_NS = (20, 30, 1000, 100_000, 1_000_000)
@@ -49,10 +47,6 @@ HOT_NS = (500_000, 1_000_000)
 DISTINCT_RANGE = (100_000, 1_000_000)
 #: The naive recursion makes 2*F(n+1) - 1 calls: it is not run from this n on.
 NAIVE_MAX_N = 30
-#: The two rows of a client cell: FibonacciRpcClient, and the bare pika loop doing the same
-#: round trip, interleaved with it in the same load process (bench.load).
-CLIENT_ROW = "fastfib-client"
-CLIENT_BASELINE_ROW = "pika-same-round-trip"
 
 
 class BenchFailure(Exception):
@@ -497,8 +491,6 @@ class Measurement:
 
 def run(settings: Settings, progress=None, console=None) -> dict:
     """Run the benchmark; returns the raw run (the report module turns it into the report)."""
-    from . import report as report_mod
-
     t_begin = time.time()
     run_id = uuid.uuid4().hex[:8]
     out: Path = settings.out
@@ -534,7 +526,7 @@ def run(settings: Settings, progress=None, console=None) -> dict:
     max_workers = max((s.workers for s in specs if s.kind == "fastfib"), default=0)
     cells = build_cells(settings.quick, kinds)
 
-    env = report_mod.collect_environment(settings.url)
+    env = collect_environment(settings.url)
     control = Control(settings.url)
     env["rabbitmq"]["server_properties"] = plain(control.server_properties)
     broker = broker_process()
@@ -779,11 +771,6 @@ def cdf_points(h: HdrHistogram, max_points: int = 150) -> list[list[float]]:
         step = len(pts) / max_points
         pts = [pts[int(i * step)] for i in range(max_points)] + [pts[-1]]
     return pts
-
-
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
 
 
 def aggregate(raw: dict) -> list[dict]:

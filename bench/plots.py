@@ -15,8 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from .harness import CLIENT_BASELINE_ROW  # noqa: E402
-from .report import grouped_rows  # noqa: E402
+from .common import CLIENT_BASELINE_ROW, grouped_rows  # noqa: E402
 
 COLORS = {"echo": "#7f7f7f", "naive": "#d62728", "gmpy2": "#1f77b4", "fastfib": "#2ca02c", "client": "#9467bd",
           "client-baseline": "#8c564b"}

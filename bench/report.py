@@ -8,98 +8,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import platform
 import re
-import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 from . import harness
+from .common import CLIENT_BASELINE_ROW, CLIENT_ROW, grouped_rows, median
 
 SCHEMA = 1
-
-
-def _run(cmd: list[str], timeout: float = 30.0) -> str | None:
-    try:
-        p = subprocess.run(cmd, cwd=harness.ROOT, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return p.stdout.strip() if p.returncode == 0 else None
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def collect_environment(url: str) -> dict:
-    import gmpy2
-    import psutil
-
-    fastfib = {"version": None, "kernel": None}
-    try:
-        import fastfib as ff
-
-        fastfib["version"] = ff.__version__
-        fastfib["kernel"] = ff.kernel_info()
-    except Exception as exc:  # the kernel may not be built
-        fastfib["error"] = f"{type(exc).__name__}: {exc}"
-    commit = _run(["git", "rev-parse", "HEAD"])
-    status = _run(["git", "status", "--porcelain"])
-    mem = psutil.virtual_memory().total
-    return {
-        "machine": {
-            "hostname": platform.node(),
-            "platform": platform.platform(),
-            "cpu": _cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "cpu_count_physical": psutil.cpu_count(logical=False),
-            "memory_gib": round(mem / 2**30, 1),
-            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        },
-        "python": {
-            "version": platform.python_version(),
-            "implementation": platform.python_implementation(),
-            "executable": sys.executable,
-        },
-        "packages": {name: _version(name) for name in ("pika", "gmpy2", "hdrhistogram", "psutil", "matplotlib", "rich", "pytest-benchmark")},
-        "gmp": gmpy2.mp_version(),
-        "fastfib": fastfib,
-        "rabbitmq": {
-            "url": _redact(url),
-            "rabbitmqctl_version": _run(["rabbitmqctl", "version"]),
-        },
-        "git": {
-            "commit": commit or "unknown (no commit yet)",
-            "dirty": bool(status) if status is not None else None,
-            "branch": _run(["git", "rev-parse", "--abbrev-ref", "HEAD"]),
-        },
-    }
-
-
-def _redact(url: str) -> str:
-    """The URL without its password."""
-    import urllib.parse as up
-
-    parts = up.urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        parts = parts._replace(netloc=netloc)
-    return up.urlunsplit(parts)
 
 
 # --- targets -------------------------------------------------------------------------------
@@ -150,9 +66,9 @@ def compute_targets(rows_list: list[dict], servers: list[dict], fastfib_status: 
     if wmax:
         specs += [
             ("4.1", "sequential FibonacciRpcClient.call p50 / a bare pika loop doing the same round trip, interleaved (n=20, binary)",
-             harness.CLIENT_ROW, "n=20/binary/seq/client", harness.CLIENT_BASELINE_ROW, "n=20/binary/seq/client", "p50", "<=", 1.1),
+             CLIENT_ROW, "n=20/binary/seq/client", CLIENT_BASELINE_ROW, "n=20/binary/seq/client", "p50", "<=", 1.1),
             ("4.2", "FibonacciRpcClient.call_many (window 32) / a bare pika pipelined loop doing the same round trip, interleaved (n=20, binary)",
-             harness.CLIENT_ROW, "n=20/binary/pipe/client", harness.CLIENT_BASELINE_ROW, "n=20/binary/pipe/client", "throughput", ">=", 0.9),
+             CLIENT_ROW, "n=20/binary/pipe/client", CLIENT_BASELINE_ROW, "n=20/binary/pipe/client", "throughput", ">=", 0.9),
         ]
     targets = []
     for issue, desc, num_srv, num_cell, den_srv, den_cell, metric, op, threshold in specs:
@@ -164,7 +80,7 @@ def compute_targets(rows_list: list[dict], servers: list[dict], fastfib_status: 
         if a is None or b is None:
             missing = [x for x, r in ((f"{num_srv}|{num_cell}", a), (f"{den_srv}|{den_cell}", b)) if r is None]
             reason = "not measured: " + ", ".join(missing) + " not run"
-            if num_srv == harness.CLIENT_ROW and not fastfib_status.get("client"):
+            if num_srv == CLIENT_ROW and not fastfib_status.get("client"):
                 reason = f"not measured: {fastfib_status.get('client_reason')}"
             elif num_srv.startswith("fastfib") and not fastfib_status.get("serve"):
                 reason = f"not measured: {fastfib_status.get('serve_reason')}"
@@ -181,7 +97,7 @@ def compute_targets(rows_list: list[dict], servers: list[dict], fastfib_status: 
         for run in b["runs"]:
             by_rep.setdefault(run["repeat"], [None, None])[1] = _run_metric(run, metric)
         per_repeat = [x / y for x, y in by_rep.values() if x is not None and y]
-        ratio = harness.median(per_repeat) if per_repeat else of_medians
+        ratio = median(per_repeat) if per_repeat else of_medians
         passed = None if ratio is None else (ratio >= threshold if op == ">=" else ratio <= threshold)
         t.update(status="measured", numerator_value=va, denominator_value=vb, ratio=ratio,
                  ratio_of_medians=of_medians, ratios_by_repeat=per_repeat, passed=passed)
@@ -256,25 +172,6 @@ def verdict(t: dict) -> str:
     if t["status"] != "measured":
         return "not measured"
     return "PASS" if t["passed"] else "FAIL"
-
-
-def _cell_order(row: dict):
-    order = {"fixed": 0, "hot": 1, "distinct": 2}
-    return (order[row["workload"]], row["n"] or 0, row["format"], row["mode"])
-
-
-def _server_order(row: dict):
-    kinds = {"echo": 0, "naive": 1, "gmpy2": 2, "fastfib": 3}
-    return (row["api"] == "client", kinds.get(row["server_kind"], 9), row["workers"] or 0, not row.get("cache", True))
-
-
-def grouped_rows(rows: list[dict]):
-    """[(cell label, [rows...]), ...] in grid order."""
-    groups: dict[str, list[dict]] = {}
-    # the client rows join the bare-pika rows of the same cell: that is their comparison
-    for r in sorted(rows, key=lambda r: (_cell_order(r), _server_order(r))):
-        groups.setdefault(r["cell_label"], []).append(r)
-    return list(groups.items())
 
 
 def write_markdown(report: dict, out: Path) -> Path:
