@@ -20,7 +20,7 @@ from pathlib import Path
 from . import harness
 
 DEFAULT_OUT = harness.ROOT / "bench" / "results" / "latest"
-ALL_SERVERS = ("echo", "naive", "gmpy2", "fastfib", "nocache", "client")
+ALL_SERVERS = ("echo", "naive", "gmpy2", "fastfib", "nocache", "client", "aio", "kernel")
 
 
 def _workers(text: str) -> list[int]:
@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_workers, default=sorted({1, 2, cpu}), help="fastfib worker counts to sweep, e.g. 1,2,4")
     p.add_argument("--servers", type=_servers, default=list(ALL_SERVERS),
                    help="what to measure, comma-separated: " + ", ".join(ALL_SERVERS)
-                   + " (nocache: a fastfib pool with --cache-bytes 0 at the largest worker count; client: fastfib.FibonacciRpcClient)")
+                   + " (nocache: a fastfib pool with --cache-bytes 0 at the largest worker count; client: fastfib.FibonacciRpcClient; "
+                   "aio: fastfib.aio.AsyncFibonacciRpcClient against aio-pika's RPC client; kernel: the encoding and "
+                   "two-thread ratios of bench.kernel_ratios)")
     p.add_argument("--naive-calls", type=int, default=None, help="calls to the naive server at n=30 (quick 3, full 5)")
     p.add_argument("--cache-bytes", type=int, default=None, help="fastfib serve --cache-bytes (default: fastfib's default)")
     p.add_argument("--lost-timeout", type=float, default=30.0, help="a reply that has not come after this many seconds is lost")
