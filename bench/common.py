@@ -16,6 +16,9 @@ DEFAULT_URL = os.environ.get("FASTFIB_URL", "amqp://guest:guest@localhost:5672/%
 #: round trip, interleaved with it in the same load process (bench.load).
 CLIENT_ROW = "fastfib-client"
 CLIENT_BASELINE_ROW = "pika-same-round-trip"
+#: The two rows of the asyncio cell (bench.aio_load), measured one after the other in one process.
+AIO_ROW = "fastfib-aio"
+AIO_BASELINE_ROW = "aio-pika-rpc"
 
 
 def median(values):
@@ -30,7 +33,7 @@ def _cell_order(row: dict):
 
 def _server_order(row: dict):
     kinds = {"echo": 0, "naive": 1, "gmpy2": 2, "fastfib": 3}
-    return (row["api"] == "client", kinds.get(row["server_kind"], 9), row["workers"] or 0, not row.get("cache", True))
+    return (row["api"] != "pika", kinds.get(row["server_kind"], 9), row["workers"] or 0, not row.get("cache", True))
 
 
 def grouped_rows(rows: list[dict]):

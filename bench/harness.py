@@ -35,7 +35,15 @@ import pika
 import psutil
 from hdrh.histogram import HdrHistogram
 
-from .common import CLIENT_BASELINE_ROW, CLIENT_ROW, DEFAULT_URL, ROOT, median  # noqa: F401 (DEFAULT_URL: bench.__main__)
+from .common import (  # noqa: F401 (DEFAULT_URL: bench.__main__)
+    AIO_BASELINE_ROW,
+    AIO_ROW,
+    CLIENT_BASELINE_ROW,
+    CLIENT_ROW,
+    DEFAULT_URL,
+    ROOT,
+    median,
+)
 from .environment import collect_environment
 from .load import DISTINCT_BLOCK, plain
 
@@ -51,9 +59,7 @@ COMPUTE_WINDOW = 8
 NAIVE_MAX_N = 30
 
 
-#: The two rows of the asyncio cell (bench.aio_load), measured one after the other in one process.
-AIO_ROW = "fastfib-aio"
-AIO_BASELINE_ROW = "aio-pika-rpc"
+#: The asyncio cell: calls per side and calls in flight.
 AIO_CALLS = 4000
 AIO_INFLIGHT = 64
 #: The rows of a paired cell: api -> ((row, label prefix), (baseline row, label prefix)).

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from . import harness
-from .common import CLIENT_BASELINE_ROW, CLIENT_ROW, grouped_rows, median
-from .harness import AIO_BASELINE_ROW, AIO_CALLS, AIO_INFLIGHT, AIO_ROW
+from .common import AIO_BASELINE_ROW, AIO_ROW, CLIENT_BASELINE_ROW, CLIENT_ROW, grouped_rows, median
+from .harness import AIO_CALLS, AIO_INFLIGHT
 
 SCHEMA = 1
 

@@ -866,10 +866,12 @@ cdef inline int _threads_of(object threads) except -1:
 def fib(n, threads=1):
     """F(n) as a ``gmpy2.mpz``, for 0 <= n <= MAX_N.
 
-    ``threads`` >= 2 computes a large F(n) (n >= THREADS_MIN_N) on two threads,
-    the calling one and a helper; more than two are accepted and mean two.
-    Below THREADS_MIN_N, and on a machine with no idle core, it costs about
-    what ``threads=1`` does. TypeError if ``threads`` is not an integer,
+    ``threads`` >= 2 computes a large F(n) on two threads, the calling one and
+    a helper, from the size where two threads were measured faster on this
+    machine (:func:`threads_min_n`, calibrated at the first such call); more
+    than two are accepted and mean two. Below that size it is the one-thread
+    computation; on a machine whose other core is busy it costs about what
+    ``threads=1`` does. TypeError if ``threads`` is not an integer,
     ValueError if it is below 1.
     """
     cdef unsigned long un = _check_n(n)

@@ -340,7 +340,7 @@ def test_quick_benchmark_run_writes_the_report(broker_url, tmp_path):
     for r in ok:
         assert r["throughput_rps"] > 0 and r["count"] > 0 and r["verified"] >= r["count"], r["id"]
         assert r["cpu"]["server_s"] is not None and r["cpu"]["load_s"] is not None, r["id"]
-        if not (r["api"] == "client" and r["mode"] == "pipe"):
+        if r["api"] == "pika" or (r["api"] == "client" and r["mode"] == "seq"):  # pipelined clients: rates only
             assert set(r["latency_us"]) >= {"p50", "p90", "p99", "p99.9"}, r["id"]
             assert r["latency_us"]["p50"] <= r["latency_us"]["p99"] <= r["latency_us"]["p99.9"]
             assert r["cdf"] and r["cdf"][-1][0] == pytest.approx(100.0)
