@@ -433,6 +433,7 @@ def print_tables(report: dict, console) -> None:
 def render(report: dict, out: Path, plots: bool = True) -> dict:
     """Write report.json, the plots and report.md into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    write_json(report, out)  # first: a failure in the plots must not lose the measurements
     if plots:
         from . import plots as plots_mod
 
