@@ -79,8 +79,9 @@ def measure_encoding(repeats: int, seed: int) -> dict:
     }
 
 
-def measure_threads(n: int, seconds: float, seed: int, with_gmpy2: bool = False) -> dict:
-    """threads=2 / threads=1, and the control threads=1 / threads=1, at one n."""
+def measure_threads(n: int, seconds: float, seed: int, with_gmpy2: bool = False, min_rounds: int = 3) -> dict:
+    """threads=2 / threads=1, and the control threads=1 / threads=1, at one n: rounds for
+    ``seconds``, and at least ``min_rounds`` (a large n takes tens of ms a call)."""
     calls = {
         "t1": lambda m: fastfib.fib(m, threads=1),
         "t2": lambda m: fastfib.fib(m, threads=2),
@@ -93,7 +94,7 @@ def measure_threads(n: int, seconds: float, seed: int, with_gmpy2: bool = False)
     rng = random.Random(seed + n)
     times: dict[str, list[float]] = {k: [] for k in calls}
     end = time.monotonic() + seconds
-    while time.monotonic() < end or len(times["t1"]) < 3:
+    while time.monotonic() < end or len(times["t1"]) < min_rounds:
         order = list(calls)
         rng.shuffle(order)
         for k in order:
@@ -143,8 +144,8 @@ def run(quick: bool, seed: int = 20261130) -> dict:
     out["threads_min_n"] = threshold
     out["threads_calibration"] = _kernel.threads_calibration()
     ns = sorted(set(THREAD_NS) | ({threshold} if threshold <= BIG_N else set()))
-    per_n = 0.4 if quick else 2.0
-    out["threads"] = [measure_threads(n, per_n, seed, with_gmpy2=(n == BIG_N)) for n in ns]
+    per_n, min_rounds = (0.4, 5) if quick else (2.0, 21)
+    out["threads"] = [measure_threads(n, per_n, seed, with_gmpy2=(n == BIG_N), min_rounds=min_rounds) for n in ns]
     out["busy_cpus_after"] = busy_cpus()
     out["seconds"] = time.perf_counter() - t0
     return out
