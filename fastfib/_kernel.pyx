@@ -298,6 +298,7 @@ cdef struct Helper:
     int quit
     int refs                # the caller's and the helper's: the last one out frees
     long long beat          # CLOCK_MONOTONIC ns, kept current while the helper spins
+    long long waited        # ns the caller spent waiting for the helper's products (caller only)
     mpz_ptr dst
     mpz_srcptr x
     mpz_srcptr y
@@ -349,6 +350,17 @@ def _set_helper_delay(long long ns):
     _helper_delay_ns = ns
 
 
+# Tests only (_set_helper_stall): the helper sleeps this long after it claims a
+# product, as if the system had taken its core away, so that the caller waits.
+cdef long long _helper_stall_ns = 0
+
+
+def _set_helper_stall(long long ns):
+    """Tests only: stall the helper by ``ns`` after each claim (0 turns it off)."""
+    global _helper_stall_ns
+    _helper_stall_ns = ns
+
+
 cdef void _sleep_ns(long long ns) noexcept nogil:
     cdef timespec t
     t.tv_sec = ns // 1000000000
@@ -377,6 +389,8 @@ cdef void *_helper_main(void *arg) noexcept nogil:
         if fastfib_claim(&h.claimed):
             # The caller's linear work until the next offer grows with the size.
             spin = SPIN_NS + SPIN_NS_PER_LIMB * <long long>mpz_size(h.x)
+            if _helper_stall_ns:
+                _sleep_ns(_helper_stall_ns)
             mpz_mul(h.dst, h.x, h.y)
             fastfib_event_set(&h.done)
     if fastfib_release(&h.refs):
@@ -396,6 +410,7 @@ cdef Helper *_helper_start() noexcept nogil:
     h.claimed = 1
     h.refs = 2
     h.beat = 0
+    h.waited = 0
     if fastfib_event_init(&h.go) != 0:
         free(h)
         return NULL
@@ -433,6 +448,7 @@ cdef void _helper_stop(Helper *h) noexcept nogil:
 cdef inline void _mul2(Helper *h, mpz_ptr d1, mpz_srcptr x1, mpz_srcptr y1,
                        mpz_ptr d2, mpz_srcptr x2, mpz_srcptr y2) noexcept nogil:
     """d1 = x1 y1 and d2 = x2 y2; the second on the helper thread if ``h`` is not NULL."""
+    cdef long long t0
     if h == NULL:
         mpz_mul(d1, x1, y1)
         mpz_mul(d2, x2, y2)
@@ -447,7 +463,9 @@ cdef inline void _mul2(Helper *h, mpz_ptr d1, mpz_srcptr x1, mpz_srcptr y1,
     if fastfib_claim(&h.claimed):
         mpz_mul(d2, x2, y2)
     else:
+        t0 = fastfib_now_ns()
         fastfib_event_wait(&h.done, SPIN_NS + SPIN_NS_PER_LIMB * <long long>mpz_size(x1), NULL)
+        h.waited += fastfib_now_ns() - t0
 
 
 cdef void _mul_split(Helper *h, mpz_ptr out, mpz_srcptr x, mpz_srcptr y, mpz_ptr tmp) noexcept nogil:
@@ -485,9 +503,11 @@ cdef int fib_into(mpz_ptr out, unsigned long n, int threads=1) except -1 nogil:
     # Sized up front for the largest intermediate (F[n/2] has about 0.347 n
     # bits, its square twice that), so GMP never reallocates mid-way.
     bits = _work_bits(n)
+    cdef long long t0
     # If the system refuses a thread, the same result is computed on this one.
-    if threads >= 2 and n >= THREADS_MIN and n >= _threads_threshold():
+    if threads >= 2 and n >= THREADS_MIN and n >= _threads_threshold() and not fastfib_backoff_take(&_backoff_left):
         h = _helper_start()
+    t0 = fastfib_now_ns()
     if n <= SCRATCH_MAX_N and fastfib_take(&_scratch_busy):
         _reserve(_scratch_fk, bits)
         _reserve(_scratch_fk1, bits)
@@ -506,8 +526,66 @@ cdef int fib_into(mpz_ptr out, unsigned long n, int threads=1) except -1 nogil:
         mpz_clear(a)
         mpz_clear(b)
     if h != NULL:
+        _judge_helper(h.waited, fastfib_now_ns() - t0)
         _helper_stop(h)
     return 0
+
+
+# ---------------------------------------------------------------------------
+# Backing off when the second core is taken.
+#
+# The calibration measures the machine once; other processes may take the
+# second core later. Then the helper, descheduled in the middle of a product,
+# makes the caller wait, and threads=2 becomes slower than threads=1 (measured
+# 1.1-1.4x with both cores busy with other work). So each threaded call
+# measures how long the caller waited for the helper: past STARVED_PCT of the
+# call, the next calls eligible for two threads run on one (BACKOFF_MIN calls,
+# doubling up to BACKOFF_MAX while it goes on), and then two threads are tried
+# again. Under sustained load at most one call in BACKOFF_MIN + 1 (then fewer)
+# pays, and that one at most the wait measured.
+# ---------------------------------------------------------------------------
+
+cdef extern from *:
+    """
+    static inline int fastfib_backoff_take(int *left) {
+        int v = __atomic_load_n(left, __ATOMIC_RELAXED);
+        while (v > 0)
+            if (__atomic_compare_exchange_n(left, &v, v - 1, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                return 1;
+        return 0;
+    }
+    """
+    bint fastfib_backoff_take(int *) nogil
+
+cdef enum:
+    STARVED_PCT = 20
+    BACKOFF_MIN = 8
+    BACKOFF_MAX = 256
+
+cdef int _backoff_left = 0
+cdef int _backoff_next = BACKOFF_MIN
+
+
+cdef void _judge_helper(long long waited, long long total) noexcept nogil:
+    global _backoff_next
+    cdef int next_
+    if waited * 100 > total * STARVED_PCT:
+        next_ = fastfib_load_int(&_backoff_next)
+        fastfib_store_int(&_backoff_left, next_)
+        fastfib_store_int(&_backoff_next, min(2 * next_, BACKOFF_MAX))
+    else:
+        fastfib_store_int(&_backoff_next, BACKOFF_MIN)
+
+
+def _threads_backoff():
+    """Tests only: (calls left to run on one thread, the next backoff length)."""
+    return fastfib_load_int(&_backoff_left), fastfib_load_int(&_backoff_next)
+
+
+def _reset_threads_backoff():
+    """Tests only: no backoff."""
+    fastfib_store_int(&_backoff_left, 0)
+    fastfib_store_int(&_backoff_next, BACKOFF_MIN)
 
 
 cdef inline mp_bitcnt_t _work_bits(unsigned long n) noexcept nogil:

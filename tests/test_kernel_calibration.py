@@ -124,3 +124,51 @@ def test_threads_min_n_waits_for_a_calibration_in_progress():
     for t in ts:
         t.join()
     assert len(set(got)) == 1 and got[0] == _kernel.threads_calibration()["threads_min_n"]
+
+
+@pytest.fixture
+def stalled_helper():
+    """A helper that, once it has claimed a product, sleeps as if its core had been taken away."""
+    _kernel._set_threads_min_n(600_000)
+    _kernel._reset_threads_backoff()
+    _kernel._set_helper_stall(50_000_000)
+    yield
+    _kernel._set_helper_stall(0)
+    _kernel._reset_threads_backoff()
+    _kernel._set_threads_min_n(0)
+
+
+def test_a_starved_helper_makes_the_next_calls_use_one_thread(stalled_helper):
+    n = 4 * 10**6
+    want = gmpy2.fib(n)
+    # The helper must have claimed at least one product for the caller to wait on it:
+    # on a busy machine it may not be scheduled in time, so allow a few calls.
+    for _ in range(5):
+        assert fib(n, threads=2) == want
+        left, following = _kernel._threads_backoff()
+        if left:
+            break
+    assert (left, following) == (8, 16)
+    _kernel._set_helper_stall(0)
+    start = _kernel._helpers_started()
+    for i in range(8):  # backing off: one thread, no helper started
+        assert fib(n + i, threads=2) == gmpy2.fib(n + i)
+    assert _kernel._helpers_started() == start
+    assert _kernel._threads_backoff()[0] == 0
+    assert fib(n, threads=2) == want  # then two threads are tried again
+    assert _kernel._helpers_started() == start + 1
+
+
+def test_backoff_doubles_while_the_helper_stays_starved(stalled_helper):
+    n = 4 * 10**6
+    lengths = []
+    for _ in range(40):
+        fib(n, threads=2)
+        left, following = _kernel._threads_backoff()
+        if left and left not in lengths:
+            lengths.append(left)
+            for _ in range(left):  # serve the backoff out
+                fib(n, threads=2)
+        if len(lengths) == 2:
+            break
+    assert lengths == [8, 16]

@@ -31,8 +31,10 @@ THREADS_MIN_N = 600_000
 @pytest.fixture(autouse=True)
 def pinned_threshold():
     _kernel._set_threads_min_n(THREADS_MIN_N)
+    _kernel._reset_threads_backoff()
     yield
     _kernel._set_threads_min_n(0)
+    _kernel._reset_threads_backoff()
 
 
 def _task_count() -> int:
