@@ -28,7 +28,7 @@ for _name in ("psutil", "hdrh", "rich", "matplotlib", "pytest_benchmark"):
 from . import harness  # noqa: E402
 
 DEFAULT_OUT = harness.ROOT / "bench" / "results" / "latest"
-ALL_SERVERS = ("echo", "naive", "gmpy2", "fastfib", "nocache", "pikawire", "client")
+ALL_SERVERS = ("echo", "naive", "gmpy2", "fastfib", "nocache", "pikawire", "client", "aio", "kernel")
 
 
 def _workers(text: str) -> list[int]:
@@ -69,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_workers, default=sorted({1, 2, cpu}), help="fastfib worker counts to sweep, e.g. 1,2,4")
     p.add_argument("--servers", type=_servers, default=list(ALL_SERVERS),
                    help="what to measure, comma-separated: " + ", ".join(ALL_SERVERS)
-                   + " (nocache: a fastfib pool with --cache-bytes 0 at the largest worker count; pikawire: one with "
-                   "--wire pika, at n=20; client: fastfib.FibonacciRpcClient)")
+                   + " (nocache: a fastfib pool with --cache-bytes 0 at the largest worker count; pikawire: one with --wire pika, at n=20; "
+                   "client: fastfib.FibonacciRpcClient; "
+                   "aio: fastfib.aio.AsyncFibonacciRpcClient against aio-pika's RPC client; kernel: the encoding and "
+                   "two-thread ratios of bench.kernel_ratios)")
     p.add_argument("--naive-calls", type=int, default=None, help="calls to the naive server at n=30 (quick 3, full 5)")
     p.add_argument("--cache-bytes", type=int, default=None, help="fastfib serve --cache-bytes (default: fastfib's default)")
     p.add_argument("--lost-timeout", type=float, default=30.0, help="a reply that has not come after this many seconds is lost")

@@ -23,7 +23,6 @@ import os
 import queue as queue_mod
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -36,10 +35,17 @@ import pika
 import psutil
 from hdrh.histogram import HdrHistogram
 
-from .load import plain
-
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_URL = os.environ.get("FASTFIB_URL", "amqp://guest:guest@localhost:5672/%2F")
+from .common import (  # noqa: F401 (DEFAULT_URL: bench.__main__)
+    AIO_BASELINE_ROW,
+    AIO_ROW,
+    CLIENT_BASELINE_ROW,
+    CLIENT_ROW,
+    DEFAULT_URL,
+    ROOT,
+    median,
+)
+from .environment import collect_environment
+from .load import DISTINCT_BLOCK, plain
 
 #: The grid of the full run.
 FULL_NS = (20, 30, 1000, 100_000, 1_000_000)
@@ -47,12 +53,20 @@ FORMATS = ("decimal", "binary")
 MODES = ("seq", "pipe")
 HOT_NS = (500_000, 1_000_000)
 DISTINCT_RANGE = (100_000, 1_000_000)
+#: Requests in flight per client in the compute-bound (distinct n) cell.
+COMPUTE_WINDOW = 8
 #: The naive recursion makes 2*F(n+1) - 1 calls: it is not run from this n on.
 NAIVE_MAX_N = 30
-#: The two rows of a client cell: FibonacciRpcClient, and the bare pika loop doing the same
-#: round trip, interleaved with it in the same load process (bench.load).
-CLIENT_ROW = "fastfib-client"
-CLIENT_BASELINE_ROW = "pika-same-round-trip"
+
+
+#: The asyncio cell: calls per side and calls in flight.
+AIO_CALLS = 4000
+AIO_INFLIGHT = 64
+#: The rows of a paired cell: api -> ((row, label prefix), (baseline row, label prefix)).
+PAIRED_ROWS = {
+    "client": ((CLIENT_ROW, "FibonacciRpcClient → "), (CLIENT_BASELINE_ROW, "bare pika loop, same round trip → ")),
+    "aio": ((AIO_ROW, "AsyncFibonacciRpcClient → "), (AIO_BASELINE_ROW, "aio-pika RPC client (its docs' pattern) → ")),
+}
 
 
 class BenchFailure(Exception):
@@ -68,12 +82,14 @@ class Cell:
     fmt: str  # decimal | binary
     mode: str  # seq | pipe
     n: int | None = None
-    api: str = "pika"  # pika: the bare pika load loop; client: fastfib.FibonacciRpcClient
+    # pika: the bare pika load loop; client: fastfib.FibonacciRpcClient against the bare loop;
+    # aio: fastfib's AsyncFibonacciRpcClient against aio-pika's RPC client (bench.aio_load)
+    api: str = "pika"
 
     @property
     def id(self) -> str:
         what = f"n={self.n}" if self.workload == "fixed" else self.workload
-        return f"{what}/{self.fmt}/{self.mode}" + ("/client" if self.api == "client" else "")
+        return f"{what}/{self.fmt}/{self.mode}" + (f"/{self.api}" if self.api != "pika" else "")
 
     @property
     def label(self) -> str:
@@ -84,6 +100,8 @@ class Cell:
         else:
             what = f"distinct n∈[{_n_label(DISTINCT_RANGE[0])}, {_n_label(DISTINCT_RANGE[1])}]"
         mode = {"seq": "sequential", "pipe": "pipelined"}[self.mode]
+        if self.api == "aio":
+            return f"{what} {self.fmt}, asyncio clients, {AIO_CALLS} calls, {AIO_INFLIGHT} in flight"
         return f"{what} {self.fmt} {mode}"
 
     def workload_spec(self, block: int = 0) -> dict:
@@ -157,6 +175,8 @@ def build_cells(quick: bool, kinds: set[str]) -> list[Cell]:
     cells += [Cell("hot", "decimal", "pipe"), Cell("distinct", "binary", "pipe")]
     if "client" in kinds:
         cells += [Cell("fixed", "binary", mode, 20, api="client") for mode in MODES]
+    if "aio" in kinds:
+        cells.append(Cell("fixed", "decimal", "pipe", 20, api="aio"))
     return cells
 
 
@@ -169,9 +189,12 @@ def applies(server: ServerSpec, cell: Cell, max_workers: int) -> tuple[bool, str
     """Whether a server runs a cell; (False, reason) marks a cell that is reported as not run,
     (False, None) one that does not belong to that server's rows at all."""
     if server.kind == "fastfib-pika":  # the pika wire beside the default one: n=20 only
-        return (cell.api != "client" and cell.workload == "fixed" and cell.n == 20), None
-    if cell.api == "client":
+        return (cell.api not in PAIRED_ROWS and cell.workload == "fixed" and cell.n == 20), None
+    if cell.api in PAIRED_ROWS:
         return (server.kind == "fastfib" and server.cache and server.workers == max_workers), None
+    if server.kind == "gmpy2" and server.workers > 1:
+        # W plain processes: the compute-bound peer of W fastfib workers
+        return cell.workload == "distinct", None
     if server.kind == "echo":
         # The echo server replies the request body: n and the format change nothing but a few bytes.
         return (cell.workload == "fixed" and cell.n == 20 and cell.fmt == "decimal"), None
@@ -408,6 +431,32 @@ def fastfib_serve_status() -> tuple[bool, str]:
     return True, ""
 
 
+def aio_status() -> tuple[bool, str]:
+    """(usable, why not): fastfib.aio.AsyncFibonacciRpcClient and aio-pika (the bench extra)."""
+    code = "import aio_pika; from fastfib.aio import AsyncFibonacciRpcClient as C; C.call"
+    try:
+        p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"importing aio_pika and fastfib.aio failed: {exc}"
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["?"])[-1]
+        return False, f"aio_pika or fastfib.aio.AsyncFibonacciRpcClient does not import (pip install .[bench]): {last}"
+    return True, ""
+
+
+def kernel_ratios(quick: bool, log_dir: Path) -> dict:
+    """bench.kernel_ratios in a subprocess (this process has threads of its own): its JSON."""
+    out = log_dir / "kernel_ratios.json"
+    cmd = [sys.executable, "-m", "bench.kernel_ratios", "--out", str(out)] + (["--quick"] if quick else [])
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchFailure(f"bench.kernel_ratios did not finish: {exc}") from exc
+    if p.returncode != 0:
+        raise BenchFailure(f"bench.kernel_ratios exited {p.returncode}: {p.stderr.strip()[-2000:]}")
+    return json.loads(out.read_text())
+
+
 def fastfib_client_status() -> tuple[bool, str]:
     """(usable, why not): fastfib.client.FibonacciRpcClient with call and call_many."""
     code = "from fastfib.client import FibonacciRpcClient as C; C.call; C.call_many"
@@ -435,6 +484,12 @@ def server_specs(settings: Settings, run_id: str, fastfib_ok: bool) -> list[Serv
     if "echo" in kinds and wmax > 1:
         # A stricter transport limit for the pool: as many echo processes as its largest worker count.
         specs.insert(1, ServerSpec(f"echo-p{wmax}", "echo", f"echo ×{wmax} processes", workers=wmax))
+    if "gmpy2" in kinds:
+        # W plain processes for each W swept: per-process efficiency against W fastfib workers.
+        at = next(i for i, s in enumerate(specs) if s.key == "gmpy2") + 1
+        for w in sorted(w for w in settings.workers if w > 1):
+            specs.insert(at, ServerSpec(f"gmpy2-p{w}", "gmpy2", f"gmpy2 ×{w} plain processes", workers=w))
+            at += 1
     if "fastfib" in kinds and fastfib_ok:
         for w in settings.workers:
             specs.append(ServerSpec(f"fastfib-w{w}", "fastfib", f"fastfib w={w}", workers=w))
@@ -486,7 +541,31 @@ def cell_params(settings: Settings, server: ServerSpec, cell: Cell) -> dict:
         p.update(duration=0.0, warmup=0.0, warmup_count=1, min_count=settings.naive_calls, window=min(p["window"], 2))
     if cell.mode == "seq" and cell.max_n >= 100_000:
         p["min_count"] = 10
+    if cell.api == "aio":
+        p.update(calls=AIO_CALLS, inflight=AIO_INFLIGHT, window=AIO_INFLIGHT)
+    if cell.workload == "distinct" and cell.mode == "pipe":
+        p["window"] = COMPUTE_WINDOW
     return p
+
+
+def workload_specs(cell: Cell, server_key: str, clients: int, blocks: dict[str, int]) -> list[dict]:
+    """The workload of each client for one measurement of ``cell`` on one server.
+
+    A distinct-n cell takes a fresh block of indices per client per
+    measurement, so that the n of one repeat are new to that server: none of
+    them sits in the cache an earlier repeat (or warm-up) filled.
+    """
+    specs = []
+    for _ in range(clients):
+        block = 0
+        if cell.workload == "distinct":
+            block = blocks.get(server_key, 0)
+            if (block + 1) * DISTINCT_BLOCK > DISTINCT_RANGE[1] - DISTINCT_RANGE[0] + 1:
+                raise BenchFailure(f"{server_key}: more distinct-n measurements than [{DISTINCT_RANGE[0]}, "
+                                   f"{DISTINCT_RANGE[1]}] has fresh values for (fewer --repeat or --clients)")
+            blocks[server_key] = block + 1
+        specs.append(cell.workload_spec(block))
+    return specs
 
 
 @dataclass
@@ -504,8 +583,6 @@ class Measurement:
 
 def run(settings: Settings, progress=None, console=None) -> dict:
     """Run the benchmark; returns the raw run (the report module turns it into the report)."""
-    from . import report as report_mod
-
     t_begin = time.time()
     run_id = uuid.uuid4().hex[:8]
     out: Path = settings.out
@@ -531,17 +608,24 @@ def run(settings: Settings, progress=None, console=None) -> dict:
         else:
             client_ok, client_why = fastfib_client_status()
         if not client_ok:
-            notes.append(f"issue 4 client rows (FibonacciRpcClient.call, call_many) not run: {client_why}")
+            notes.append(f"client rows (FibonacciRpcClient.call, call_many) not run: {client_why}")
             say(f"[yellow]client rows left out: {client_why}")
             kinds.discard("client")
 
+    if "aio" in kinds:
+        aio_ok, aio_why = (False, "no fastfib pool to call") if not fastfib_ok else aio_status()
+        if not aio_ok:
+            notes.append(f"asyncio client rows (AsyncFibonacciRpcClient, aio-pika) not run: {aio_why}")
+            say(f"[yellow]asyncio client rows left out: {aio_why}")
+            kinds.discard("aio")
+
     specs = server_specs(settings, run_id, fastfib_ok)
-    if not specs:
+    if not specs and "kernel" not in kinds:
         raise BenchFailure("no server to measure")
     max_workers = max((s.workers for s in specs if s.kind == "fastfib"), default=0)
     cells = build_cells(settings.quick, kinds)
 
-    env = report_mod.collect_environment(settings.url)
+    env = collect_environment(settings.url)
     control = Control(settings.url)
     env["rabbitmq"]["server_properties"] = plain(control.server_properties)
     broker = broker_process()
@@ -552,6 +636,7 @@ def run(settings: Settings, progress=None, console=None) -> dict:
     failure: str | None = None
     not_run: list[dict] = []
     distinct_blocks: dict[str, int] = {}
+    kernel: dict | None = None
 
     # SIGTERM (e.g. a CI timeout) must still stop the servers: turn it into an exception.
     def on_term(signum, frame):
@@ -559,6 +644,11 @@ def run(settings: Settings, progress=None, console=None) -> dict:
 
     old_term = signal.signal(signal.SIGTERM, on_term)
     try:
+        if "kernel" in kinds:
+            # before any server starts: the kernel's ratios want the quietest machine this run has
+            if progress is not None:
+                progress.console.log("kernel ratios (encoding, threads), in process")
+            kernel = kernel_ratios(settings.quick, log_dir)
         n_load = max(1, settings.clients)
         loads = [LoadProcess(i, settings.url, log_dir) for i in range(n_load)]
         for spec in specs:
@@ -592,7 +682,7 @@ def run(settings: Settings, progress=None, console=None) -> dict:
             if not sp.alive():
                 raise BenchFailure(f"server {spec.key} died (exit {sp.proc.poll()}); log tail:\n{sp.log_tail()}")
             params = cell_params(settings, spec, cell)
-            clients = loads[:1] if (cell.mode == "seq" or cell.api == "client") else loads[: settings.clients]
+            clients = loads[:1] if (cell.mode == "seq" or cell.api in PAIRED_ROWS) else loads[: settings.clients]
             m = _measure(settings, sp, cell, r, params, clients, broker, distinct_blocks)
             measurements.append(m)
             if progress is not None:
@@ -637,6 +727,7 @@ def run(settings: Settings, progress=None, console=None) -> dict:
         "not_run": not_run,
         "notes": notes,
         "failure": failure,
+        "kernel": kernel,
         "fastfib": {"serve": fastfib_ok, "serve_reason": fastfib_why, "client": client_ok, "client_reason": client_why},
     }
 
@@ -665,13 +756,8 @@ def _wait_ready(sp: ServerProcess, control: Control, timeout: float) -> None:
 def _measure(settings, sp: ServerProcess, cell: Cell, repeat: int, params: dict, clients: list[LoadProcess],
              broker, distinct_blocks: dict[str, int]) -> Measurement:
     key = sp.spec.key
-    for ld in clients:
-        cell_doc = dict(params)
-        block = 0
-        if cell.workload == "distinct":
-            block = distinct_blocks.get(key, 0)
-            distinct_blocks[key] = block + 1
-        cell_doc["workload"] = cell.workload_spec(block)
+    for ld, spec in zip(clients, workload_specs(cell, key, len(clients), distinct_blocks), strict=True):
+        cell_doc = dict(params, repeat=repeat, workload=spec)
         ld.send({"cmd": "prepare", "cell": cell_doc})
     for ld in clients:
         msg = ld.receive(timeout=300)
@@ -750,6 +836,8 @@ def summarize(m: Measurement) -> dict:
         lat["max"] = h.get_max_value()
     server_cpu = sum(u + s for _, u, s in m.server_cpu.values())
     load_cpu = sum(u + s for _, u, s in m.load_cpu)
+    # a paired cell: each side's own CPU time over its own replies (bench.load, bench.aio_load)
+    side_cpu = sum(r["side_cpu_s"] for r in m.results) if all("side_cpu_s" in r for r in m.results) else None
     broker_cpu = sum(m.broker_cpu) if m.broker_cpu else None
     return {
         "repeat": m.repeat,
@@ -766,6 +854,7 @@ def summarize(m: Measurement) -> dict:
             "load_s": load_cpu,
             "load_us_per_reply": 1e6 * load_cpu / cpu_replies if cpu_replies else None,
             "broker_s": broker_cpu,
+            "side_us_per_reply": 1e6 * side_cpu / count if side_cpu is not None and count else None,
             "wall_s": m.wall,
             "processes": (
                 [{"role": "server", "pid": pid, "name": name, "user_s": u, "system_s": s} for pid, (name, u, s) in m.server_cpu.items()]
@@ -788,11 +877,6 @@ def cdf_points(h: HdrHistogram, max_points: int = 150) -> list[list[float]]:
     return pts
 
 
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
 def aggregate(raw: dict) -> list[dict]:
     """Rows: one per (server, cell), two for a client cell (the client, its baseline); medians over the repeats."""
     servers = {s["key"]: s for s in raw["servers"]}
@@ -802,11 +886,12 @@ def aggregate(raw: dict) -> list[dict]:
     rows = []
     for (key, cell), ms in groups.items():
         srv = servers[key]
-        if cell.api == "client":
-            # one client cell, two rows: FibonacciRpcClient and, interleaved with it, the bare loop
-            rows.append(_aggregate_row(CLIENT_ROW, "FibonacciRpcClient → " + srv["label"], srv, cell, ms))
+        if cell.api in PAIRED_ROWS:
+            # one paired cell, two rows: the client under test and, in the same process, its peer
+            (row, label), (base_row, base_label) = PAIRED_ROWS[cell.api]
+            rows.append(_aggregate_row(row, label + srv["label"], srv, cell, ms))
             bare = [dataclasses.replace(m, results=[r["baseline"] for r in m.results]) for m in ms]
-            rows.append(_aggregate_row(CLIENT_BASELINE_ROW, "bare pika loop, same round trip → " + srv["label"], srv, cell, bare))
+            rows.append(_aggregate_row(base_row, base_label + srv["label"], srv, cell, bare))
         else:
             rows.append(_aggregate_row(key, srv["label"], srv, cell, ms))
     for nr in raw["not_run"]:
@@ -860,6 +945,7 @@ def _aggregate_row(row_server: str, label: str, srv: dict, cell: Cell, ms: list[
             "load_s": median([r["cpu"]["load_s"] for r in runs]),
             "load_us_per_reply": median([r["cpu"]["load_us_per_reply"] for r in runs]),
             "broker_s": median([r["cpu"]["broker_s"] for r in runs]),
+            "side_us_per_reply": median([r["cpu"].get("side_us_per_reply") for r in runs]),
         },
         "runs": runs,
         "cdf": cdf_points(h) if h is not None and h.get_total_count() else None,
@@ -871,7 +957,7 @@ def _aggregate_row(row_server: str, label: str, srv: dict, cell: Cell, ms: list[
 def _cell_from_id(cid: str) -> Cell:
     parts = cid.split("/")
     what, fmt, mode = parts[0], parts[1], parts[2]
-    api = "client" if len(parts) > 3 else "pika"
+    api = parts[3] if len(parts) > 3 else "pika"
     if what.startswith("n="):
         return Cell("fixed", fmt, mode, int(what[2:]), api)
     return Cell(what, fmt, mode, None, api)
@@ -889,7 +975,11 @@ def _row_notes(srv: dict, cell: Cell, runs: list[dict]) -> list[str]:
         notes.append(f"{sum(r['stray'] for r in runs)} stray replies (unknown or repeated correlation id) dropped")
     if cell.api == "client":
         notes.append("interleaved with the other side of this client cell in one process: replies/s is over "
-                     "this side's own time; the CPU per reply is over the replies of both sides")
+                     "this side's own time; the load CPU per reply is over the replies of both sides, "
+                     "the client CPU per reply over this side's own")
+    if cell.api == "aio":
+        notes.append("one side after the other in one process (the order alternates by repeat): replies/s and "
+                     "the client CPU per reply are over this side's own calls")
         if cell.mode == "pipe":
             notes.append("batches of pipelined requests: throughput only, no per-request latency")
     return notes

@@ -69,8 +69,10 @@ HIST_LOW, HIST_HIGH, HIST_DIGITS = 1, 3_600_000_000, 3
 #: How the distinct-n workload walks [lo, hi] without repeating: n_i = lo + (A*i + B) mod (hi - lo + 1).
 DISTINCT_A = 7_368_787
 DISTINCT_B = 104_729
-#: Each load process of a run gets its own block of indices i, so that no n is asked twice in a run.
-DISTINCT_BLOCK = 40_000
+#: Each load process gets a fresh block of indices i for each measurement (each repeat, each
+#: server), so that no n is asked twice of one server in a run: a repeat never finds the cache
+#: that an earlier repeat filled. 45 blocks fit in [10^5, 10^6].
+DISTINCT_BLOCK = 20_000
 
 
 class CellFailed(Exception):
@@ -289,6 +291,10 @@ class LoadClient:
     # --- the two bare pika modes --------------------------------------------------------
 
     def run(self, cell: dict, workload: Workload) -> dict:
+        if cell.get("api", "pika") == "aio":
+            from .aio_load import run_aio_cell
+
+            return run_aio_cell(self.url, cell, workload.ns[0])
         self.connect()
         if cell.get("api", "pika") == "client":
             return self._run_paired(cell, workload)
@@ -501,6 +507,9 @@ class LoadClient:
         lost_timeout = float(cell.get("lost_timeout", 30.0))
         make_props = self._props(workload.fmt, like_client=lost_timeout)
         mine, bare, win = Stats(busy_ns=0), Stats(busy_ns=0), Window(cell)
+        # Each side's own CPU time (this process, all threads) over its own requests in the window.
+        mine.extra["side_cpu_s"] = bare.extra["side_cpu_s"] = 0.0
+        cpu = time.process_time
         expected = {n: int(gmpy2.fib(n)) for n in workload.ns}
         clock = time.perf_counter_ns
         with FibonacciRpcClient(self.url, queue=queue, timeout=lost_timeout, format=workload.fmt) as client:
@@ -515,13 +524,16 @@ class LoadClient:
                     body = workload.body(n)
                     # Both sides are timed the same way: from before the call to the reply in hand.
                     for side in ((0, 1) if rounds % 2 == 0 else (1, 0)):
+                        c0 = cpu()
                         t0 = clock()
                         if side == 0:
                             value = call(n)
                             dt_mine = clock() - t0
+                            cpu_mine = cpu() - c0
                         else:
                             _, _, rprops, rbody = one(n, body)
                             dt_bare = clock() - t0
+                            cpu_bare = cpu() - c0
                     rounds += 1
                     if value != expected[n]:
                         raise CellFailed(f"WRONG value from FibonacciRpcClient.call({n})")
@@ -534,6 +546,8 @@ class LoadClient:
                         bare.hist.record_value(max(1, dt_bare // 1000))
                         mine.busy_ns += dt_mine
                         bare.busy_ns += dt_bare
+                        mine.extra["side_cpu_s"] += cpu_mine
+                        bare.extra["side_cpu_s"] += cpu_bare
             else:
                 # call_many returns only when a whole batch is back: the warm-up and the window
                 # are checked between batches, and a batch counts when it ends inside the window.
@@ -545,12 +559,15 @@ class LoadClient:
                     ns = [workload.next_n() for _ in range(chunk)]
                     bodies = [workload.body(n) for n in ns]
                     for side in ((0, 1) if rounds % 2 == 0 else (1, 0)):
+                        c0 = cpu()
                         if side == 0:
                             t0 = clock()
                             values = client.call_many(ns, window=window)
                             dt_mine = clock() - t0
+                            cpu_mine = cpu() - c0
                         else:
                             dt_bare, bare_replies = self._pipe_batch(queue, bodies, window, make_props, lost_timeout, bare)
+                            cpu_bare = cpu() - c0
                     rounds += 1
                     if len(values) != len(ns) or any(v != expected[n] for n, v in zip(ns, values, strict=True)):
                         raise CellFailed("WRONG or missing values from FibonacciRpcClient.call_many")
@@ -564,6 +581,8 @@ class LoadClient:
                         bare.count += chunk
                         mine.busy_ns += dt_mine
                         bare.busy_ns += dt_bare
+                        mine.extra["side_cpu_s"] += cpu_mine
+                        bare.extra["side_cpu_s"] += cpu_bare
                     win.tick(mine, replies)
                 mine.extra["chunk"] = bare.extra["chunk"] = chunk
         win.finish(mine)

@@ -15,8 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from .harness import CLIENT_BASELINE_ROW  # noqa: E402
-from .report import grouped_rows  # noqa: E402
+from .common import AIO_BASELINE_ROW, CLIENT_BASELINE_ROW, grouped_rows  # noqa: E402
 
 COLORS = {"echo": "#7f7f7f", "naive": "#d62728", "gmpy2": "#1f77b4", "fastfib": "#2ca02c", "client": "#9467bd",
           "client-baseline": "#8c564b"}
@@ -24,8 +23,8 @@ DPI = 110
 
 
 def _color(row: dict) -> str:
-    if row["api"] == "client":
-        return COLORS["client-baseline" if row["server"] == CLIENT_BASELINE_ROW else "client"]
+    if row["api"] != "pika":
+        return COLORS["client-baseline" if row["server"] in (CLIENT_BASELINE_ROW, AIO_BASELINE_ROW) else "client"]
     return COLORS.get(row["server_kind"], "black")
 
 
@@ -100,8 +99,15 @@ def throughput_vs_workers(report: dict, out: Path) -> str | None:
         workers = [r["workers"] for r in pools]
         if pools:
             ax.plot(workers, [r["throughput_rps"] for r in pools], "o-", color=COLORS["fastfib"], label="fastfib")
+        # W plain gmpy2 processes against W workers (the compute-bound cell): per-process efficiency
+        plain = sorted((r for r in rows if r["server_kind"] == "gmpy2"), key=lambda r: r["workers"] or 1)
+        if len(plain) > 1:
+            ax.plot([r["workers"] or 1 for r in plain], [r["throughput_rps"] for r in plain], "^--",
+                    color=COLORS["gmpy2"], label="W plain gmpy2 processes")
         for r in rows:
-            if r["api"] == "client":
+            if r["server_kind"] == "gmpy2" and len(plain) > 1:
+                continue
+            if r["api"] != "pika" and r["server_kind"] == "fastfib":
                 ax.plot([r["workers"]], [r["throughput_rps"]], "D", color=_color(r), label=r["server_label"])
             elif r["server_kind"] == "fastfib" and r.get("cache") is False:
                 ax.plot([r["workers"]], [r["throughput_rps"]], "s", color=COLORS["fastfib"], fillstyle="none", label="fastfib, no cache")

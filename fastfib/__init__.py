@@ -28,7 +28,7 @@ from .errors import (  # noqa: F401
 )
 
 try:
-    from ._kernel import MAX_N, TABLE_MAX_N, encode, fib, fib_encoded, gmp_library_version
+    from ._kernel import MAX_N, TABLE_MAX_N, encode, fib, fib_encoded, gmp_library_version, threads_min_n
 except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
     raise ImportError(
         "fastfib's compiled kernel (fastfib._kernel) is not built or does not load "
@@ -67,6 +67,7 @@ __all__ = [
     "FibonacciRpcClient",
     "encode",
     "kernel_info",
+    "threads_min_n",
     "FastFibError",
     "FibRangeError",
     "RpcError",

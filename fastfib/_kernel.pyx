@@ -44,6 +44,8 @@ from posix.signal cimport SIG_SETMASK, sigfillset
 from posix.time cimport nanosleep, timespec
 from posix.types cimport sigset_t
 
+import time
+
 from fastfib.errors import FibRangeError
 
 cdef extern from "gmp.h":
@@ -66,6 +68,9 @@ cdef extern from "gmp.h":
     size_t mpz_sizeinbase(mpz_srcptr, int) nogil
     char *mpz_get_str(char *, int, mpz_srcptr) nogil
     void *mpz_export(void *, size_t *, int, size_t, int, size_t, mpz_srcptr) nogil
+    ctypedef long mp_size_t
+    mp_limb_t *mpz_limbs_modify(mpz_ptr, mp_size_t) nogil
+    size_t mpn_get_str(unsigned char *, int, mp_limb_t *, mp_size_t) nogil
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_t:
@@ -78,6 +83,55 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_attr_setdetachstate(pthread_attr_t *, int)
     enum: PTHREAD_CREATE_DETACHED
     int pthread_sigmask(int, const sigset_t *, sigset_t *)
+
+cdef extern from *:
+    """
+    #include <gmp.h>
+    #include <string.h>
+
+    /* z >= 0 as `count` big-endian bytes, count = ceil(bits/8) >= 1. mpz_export
+       with 1-byte words goes byte by byte through a generic loop (about 34
+       instructions a byte); whole 64-bit limbs byte-swapped cost about one. */
+    static void fastfib_write_be(unsigned char *dst, size_t count, mpz_srcptr z) {
+    #if GMP_LIMB_BITS == 64 && GMP_NAIL_BITS == 0 && defined(__GNUC__)
+        size_t nlimbs = mpz_size(z), i;
+        const mp_limb_t *limbs = mpz_limbs_read(z);
+        unsigned char *p = dst + count;
+        mp_limb_t top;
+        if (nlimbs == 0) {
+            dst[0] = 0;
+            return;
+        }
+        for (i = 0; i + 1 < nlimbs; i++) {
+            unsigned long long v = __builtin_bswap64((unsigned long long)limbs[i]);
+            p -= 8;
+            memcpy(p, &v, 8);
+        }
+        for (top = limbs[nlimbs - 1]; p > dst; top >>= 8)
+            *--p = (unsigned char)top;
+    #else
+        dst[0] = 0;  /* mpz_export writes nothing for zero */
+        mpz_export(dst, &count, 1, 1, 1, 0, z);
+    #endif
+    }
+
+    /* Digits 0..9 (as mpn_get_str writes them) to ASCII, in place. */
+    static void fastfib_to_ascii(unsigned char *p, size_t len) {
+        size_t i;
+        for (i = 0; i < len; i++)
+            p[i] += '0';
+    }
+
+    /* A flag that one thread at a time holds: 1 if this call took it. */
+    static inline int fastfib_take(int *busy) { return __atomic_exchange_n(busy, 1, __ATOMIC_ACQUIRE) == 0; }
+    static inline void fastfib_give(int *busy) { __atomic_store_n(busy, 0, __ATOMIC_RELEASE); }
+    static inline size_t fastfib_alloc_bits(mpz_srcptr z) { return (size_t)z->_mp_alloc * GMP_NUMB_BITS; }
+    """
+    void fastfib_write_be(unsigned char *, size_t, mpz_srcptr) nogil
+    void fastfib_to_ascii(unsigned char *, size_t) nogil
+    bint fastfib_take(int *) nogil
+    void fastfib_give(int *) nogil
+    size_t fastfib_alloc_bits(mpz_srcptr) nogil
 
 cdef extern from "Python.h":
     int _PyBytes_Resize(PyObject **, Py_ssize_t) except -1
@@ -229,6 +283,7 @@ cdef extern from *:
     static inline void fastfib_set(int *p) { __atomic_store_n(p, 1, __ATOMIC_SEQ_CST); }
     /* The caller and the helper each drop one reference; the last frees. */
     static inline int fastfib_release(int *refs) { return __atomic_sub_fetch(refs, 1, __ATOMIC_ACQ_REL) == 0; }
+    static inline void fastfib_count(int *p) { __atomic_add_fetch(p, 1, __ATOMIC_RELAXED); }
     """
     ctypedef struct fastfib_event:
         pass
@@ -242,6 +297,7 @@ cdef extern from *:
     bint fastfib_is_set(int *) nogil
     void fastfib_set(int *) nogil
     bint fastfib_release(int *) nogil
+    void fastfib_count(int *) nogil
     long long fastfib_now_ns() nogil
 
 
@@ -253,6 +309,7 @@ cdef struct Helper:
     int quit
     int refs                # the caller's and the helper's: the last one out frees
     long long beat          # CLOCK_MONOTONIC ns, kept current while the helper spins
+    long long waited        # ns the caller spent waiting for the helper's products (caller only)
     mpz_ptr dst
     mpz_srcptr x
     mpz_srcptr y
@@ -262,9 +319,19 @@ cdef enum:
     # are asked for: handing a product over costs more than sharing a product
     # of numbers this small saves. Measured: docs/kernel.md.
     PAR_MIN_M = 20000
-    # threads >= 2 starts a helper thread only for n at least this: below it,
-    # the few products it could share do not pay for the thread.
-    THREADS_MIN = 600000
+    # threads >= 2 never starts a helper thread below this n (the first rung of
+    # the calibration ladder); from it on, only at or above the threshold that
+    # the calibration found on this machine (_threads_threshold).
+    THREADS_MIN = 1 << 17
+    # The ladder's top rung, and the threshold when two threads won on no rung.
+    CAL_TOP_N = 1 << 21
+    CAL_NEVER_N = 1 << 22
+    # The calibration stops measuring after this long (the rungs double in cost).
+    CAL_BUDGET_NS = 60000000
+    # Two threads win a rung when they take at most this percentage of one
+    # thread's time: a clear margin, so that noise alone does not make a win.
+    CAL_WIN_PCT = 90
+    CAL_MAX_RUNGS = 8
     # A waiting thread spins this long (plus SPIN_NS_PER_LIMB per limb of the
     # last product, as the caller's linear work between two steps grows with
     # it), then sleeps: waking a sleeping thread costs tens of microseconds.
@@ -273,11 +340,15 @@ cdef enum:
     # The helper's heartbeat is at most this old while it spins (it beats every 64 pauses).
     BEAT_FRESH_NS = 20000
 
-#: ``threads`` >= 2 is used only for n >= THREADS_MIN_N; below, one thread computes F(n).
+#: ``threads`` >= 2 is never used below this n; at or above it, only from the
+#: threshold calibrated on this machine (:func:`threads_min_n`).
 THREADS_MIN_N = THREADS_MIN
 # For the tests: the step threshold and the GIL threshold.
 _PAR_MIN_M = PAR_MIN_M
 _NOGIL_MIN_N = NOGIL_MIN_N
+
+# Helper threads started by this process (for the tests: _helpers_started).
+cdef int _helper_count = 0
 
 # Tests only (_set_helper_delay): the helper sleeps this long before it claims
 # a product, so that the caller takes products back and stale wake-ups happen.
@@ -288,6 +359,17 @@ def _set_helper_delay(long long ns):
     """Tests only: delay the helper by ``ns`` before each claim (0 turns it off)."""
     global _helper_delay_ns
     _helper_delay_ns = ns
+
+
+# Tests only (_set_helper_stall): the helper sleeps this long after it claims a
+# product, as if the system had taken its core away, so that the caller waits.
+cdef long long _helper_stall_ns = 0
+
+
+def _set_helper_stall(long long ns):
+    """Tests only: stall the helper by ``ns`` after each claim (0 turns it off)."""
+    global _helper_stall_ns
+    _helper_stall_ns = ns
 
 
 cdef void _sleep_ns(long long ns) noexcept nogil:
@@ -318,6 +400,8 @@ cdef void *_helper_main(void *arg) noexcept nogil:
         if fastfib_claim(&h.claimed):
             # The caller's linear work until the next offer grows with the size.
             spin = SPIN_NS + SPIN_NS_PER_LIMB * <long long>mpz_size(h.x)
+            if _helper_stall_ns:
+                _sleep_ns(_helper_stall_ns)
             mpz_mul(h.dst, h.x, h.y)
             fastfib_event_set(&h.done)
     if fastfib_release(&h.refs):
@@ -337,6 +421,7 @@ cdef Helper *_helper_start() noexcept nogil:
     h.claimed = 1
     h.refs = 2
     h.beat = 0
+    h.waited = 0
     if fastfib_event_init(&h.go) != 0:
         free(h)
         return NULL
@@ -353,6 +438,8 @@ cdef Helper *_helper_start() noexcept nogil:
     sigfillset(&every)
     pthread_sigmask(SIG_SETMASK, &every, &old)
     rc = pthread_create(&h.tid, &attr, _helper_main, h)
+    if rc == 0:
+        fastfib_count(&_helper_count)
     pthread_sigmask(SIG_SETMASK, &old, NULL)
     pthread_attr_destroy(&attr)
     if rc != 0:
@@ -372,6 +459,7 @@ cdef void _helper_stop(Helper *h) noexcept nogil:
 cdef inline void _mul2(Helper *h, mpz_ptr d1, mpz_srcptr x1, mpz_srcptr y1,
                        mpz_ptr d2, mpz_srcptr x2, mpz_srcptr y2) noexcept nogil:
     """d1 = x1 y1 and d2 = x2 y2; the second on the helper thread if ``h`` is not NULL."""
+    cdef long long t0
     if h == NULL:
         mpz_mul(d1, x1, y1)
         mpz_mul(d2, x2, y2)
@@ -386,7 +474,9 @@ cdef inline void _mul2(Helper *h, mpz_ptr d1, mpz_srcptr x1, mpz_srcptr y1,
     if fastfib_claim(&h.claimed):
         mpz_mul(d2, x2, y2)
     else:
+        t0 = fastfib_now_ns()
         fastfib_event_wait(&h.done, SPIN_NS + SPIN_NS_PER_LIMB * <long long>mpz_size(x1), NULL)
+        h.waited += fastfib_now_ns() - t0
 
 
 cdef void _mul_split(Helper *h, mpz_ptr out, mpz_srcptr x, mpz_srcptr y, mpz_ptr tmp) noexcept nogil:
@@ -423,22 +513,308 @@ cdef int fib_into(mpz_ptr out, unsigned long n, int threads=1) except -1 nogil:
         return 0
     # Sized up front for the largest intermediate (F[n/2] has about 0.347 n
     # bits, its square twice that), so GMP never reallocates mid-way.
-    bits = (n >> 1) * 1389 // 1000 + 128
+    bits = _work_bits(n)
+    cdef long long t0
+    # If the system refuses a thread, the same result is computed on this one.
+    if threads >= 2 and n >= THREADS_MIN and n >= _threads_threshold() and not fastfib_backoff_take(&_backoff_left):
+        h = _helper_start()
+    t0 = fastfib_now_ns()
+    if n <= SCRATCH_MAX_N and fastfib_take(&_scratch_busy):
+        _reserve(_scratch_fk, bits)
+        _reserve(_scratch_fk1, bits)
+        _reserve(_scratch_a, bits)
+        _reserve(_scratch_b, bits)
+        _doubling(out, n, _scratch_fk, _scratch_fk1, _scratch_a, _scratch_b, h)
+        fastfib_give(&_scratch_busy)
+    else:
+        mpz_init2(fk, bits)
+        mpz_init2(fk1, bits)
+        mpz_init2(a, bits)
+        mpz_init2(b, bits)
+        _doubling(out, n, fk, fk1, a, b, h)
+        mpz_clear(fk)
+        mpz_clear(fk1)
+        mpz_clear(a)
+        mpz_clear(b)
+    if h != NULL:
+        _judge_helper(h.waited, fastfib_now_ns() - t0)
+        _helper_stop(h)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Backing off when the second core is taken.
+#
+# The calibration measures the machine once; other processes may take the
+# second core later. Then the helper, descheduled in the middle of a product,
+# makes the caller wait, and threads=2 becomes slower than threads=1 (measured
+# 1.1-1.4x with both cores busy with other work). So each threaded call
+# measures how long the caller waited for the helper: past STARVED_PCT of the
+# call, the next calls eligible for two threads run on one (BACKOFF_MIN calls,
+# doubling up to BACKOFF_MAX while it goes on), and then two threads are tried
+# again. Under sustained load at most one call in BACKOFF_MIN + 1 (then fewer)
+# pays, and that one at most the wait measured.
+# ---------------------------------------------------------------------------
+
+cdef extern from *:
+    """
+    static inline int fastfib_backoff_take(int *left) {
+        int v = __atomic_load_n(left, __ATOMIC_RELAXED);
+        while (v > 0)
+            if (__atomic_compare_exchange_n(left, &v, v - 1, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                return 1;
+        return 0;
+    }
+    """
+    bint fastfib_backoff_take(int *) nogil
+
+cdef enum:
+    STARVED_PCT = 20
+    BACKOFF_MIN = 8
+    BACKOFF_MAX = 256
+
+cdef int _backoff_left = 0
+cdef int _backoff_next = BACKOFF_MIN
+
+
+cdef void _judge_helper(long long waited, long long total) noexcept nogil:
+    global _backoff_next
+    cdef int next_
+    if waited * 100 > total * STARVED_PCT:
+        next_ = fastfib_load_int(&_backoff_next)
+        fastfib_store_int(&_backoff_left, next_)
+        fastfib_store_int(&_backoff_next, min(2 * next_, BACKOFF_MAX))
+    else:
+        fastfib_store_int(&_backoff_next, BACKOFF_MIN)
+
+
+def _threads_backoff():
+    """Tests only: (calls left to run on one thread, the next backoff length)."""
+    return fastfib_load_int(&_backoff_left), fastfib_load_int(&_backoff_next)
+
+
+def _reset_threads_backoff():
+    """Tests only: no backoff."""
+    fastfib_store_int(&_backoff_left, 0)
+    fastfib_store_int(&_backoff_next, BACKOFF_MIN)
+
+
+cdef inline mp_bitcnt_t _work_bits(unsigned long n) noexcept nogil:
+    """Bits for each temporary of F(n) (and for F(n) itself): F[n/2]^2 has about 0.694 n."""
+    return (n >> 1) * 1389 // 1000 + 128
+
+
+cdef inline void _reserve(mpz_ptr z, mp_bitcnt_t bits) noexcept nogil:
+    """Make room for ``bits`` in ``z``, dropping its value (no copy of the old limbs)."""
+    if fastfib_alloc_bits(z) < bits:
+        mpz_clear(z)
+        mpz_init2(z, bits)
+
+
+# Scratch numbers reused from call to call for n <= SCRATCH_MAX_N (about 0.9 MB
+# at most, kept for the life of the process). Fresh temporaries of this size
+# come from the top of the heap, which free() gives back to the system, so each
+# call paid page faults for them (15 a call over n in [10^5, 10^6], 2% of the
+# time; gmpy2.fib's temporaries live on the stack). One caller at a time holds
+# a set (the flag); a concurrent call allocates its own.
+cdef enum:
+    SCRATCH_MAX_N = 1 << 21
+cdef int _scratch_busy = 0
+cdef int _out_busy = 0
+cdef mpz_t _scratch_fk, _scratch_fk1, _scratch_a, _scratch_b, _scratch_out
+mpz_init2(_scratch_fk, 64)
+mpz_init2(_scratch_fk1, 64)
+mpz_init2(_scratch_a, 64)
+mpz_init2(_scratch_b, 64)
+mpz_init2(_scratch_out, 64)
+
+
+# ---------------------------------------------------------------------------
+# Where two threads start to pay, calibrated once per process.
+#
+# The crossover depends on the machine (core speed, caches, how fast a thread
+# starts and wakes up) and moved between days on the same VM, so a constant
+# tuned on one machine made threads=2 slower than threads=1 on another. At the
+# first call with threads >= 2 and n >= THREADS_MIN_N, the calling thread times
+# F(n) on one and on two threads at n = 2^17, 2^18, ... 2^21 (interleaved,
+# the best of three each, so that a burst of load from elsewhere does not
+# decide), and stops at the first two rungs in a row where two threads win by
+# 10%, or after CAL_BUDGET_NS. Other callers use one thread meanwhile: never a
+# wait. The threshold reflects the machine at that moment: a second core that
+# other processes take later makes threads=2 cost a few percent more (the
+# caller takes back the products the helper has not started).
+# ---------------------------------------------------------------------------
+
+cdef extern from *:
+    """
+    #include <unistd.h>
+    static inline int fastfib_load_int(int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void fastfib_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline int fastfib_cas_int(int *p, int expected, int desired) {
+        return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    }
+    """
+    int fastfib_load_int(int *) nogil
+    void fastfib_store_int(int *, int) nogil
+    bint fastfib_cas_int(int *, int, int) nogil
+    int getpid() nogil
+
+# _cal_done is set (release) after _threads_min is written. _cal_owner is the
+# pid of the process calibrating: a child forked mid-calibration sees its
+# parent's pid there and calibrates for itself.
+cdef int _cal_done = 0
+cdef int _cal_owner = 0
+cdef unsigned long _threads_min = CAL_NEVER_N
+cdef int _cal_count = 0
+cdef unsigned long _cal_n[CAL_MAX_RUNGS]
+cdef long long _cal_t1[CAL_MAX_RUNGS]
+cdef long long _cal_t2[CAL_MAX_RUNGS]
+cdef long long _cal_ns = 0
+
+
+cdef unsigned long _pick_threshold(int count, unsigned long *ns, long long *t1, long long *t2,
+                                   bint ended) noexcept nogil:
+    """The threshold from the rungs measured so far, or 0 to measure the next rung.
+
+    Two threads must win on the rung and on every rung above it that was
+    measured; two wins in a row decide, one win on the ladder's top rung too.
+    """
+    cdef int i = count, streak
+    while i > 0 and t2[i - 1] * 100 <= t1[i - 1] * CAL_WIN_PCT:
+        i -= 1
+    streak = count - i
+    if streak >= 2 or (streak == 1 and ended):
+        return ns[i]
+    return CAL_NEVER_N if ended else 0
+
+
+cdef long long _time_fib(unsigned long n, bint two, mpz_ptr out, mpz_ptr fk, mpz_ptr fk1,
+                         mpz_ptr a, mpz_ptr b) noexcept nogil:
+    cdef long long t0 = fastfib_now_ns()
+    cdef Helper *h = _helper_start() if two else NULL
+    _doubling(out, n, fk, fk1, a, b, h)
+    if h != NULL:
+        _helper_stop(h)
+    return fastfib_now_ns() - t0
+
+
+cdef unsigned long _calibrate() noexcept nogil:
+    """Time one thread against two on the ladder (see above); returns the threshold."""
+    global _cal_count, _cal_ns
+    cdef mpz_t out, fk, fk1, a, b
+    cdef mp_bitcnt_t bits = _work_bits(CAL_TOP_N)
+    cdef unsigned long n = THREADS_MIN, found = 0
+    cdef long long start = fastfib_now_ns(), x, y
+    cdef int i = 0, r
+    cdef bint ended
+    mpz_init2(out, bits)
     mpz_init2(fk, bits)
     mpz_init2(fk1, bits)
     mpz_init2(a, bits)
     mpz_init2(b, bits)
-    # If the system refuses a thread, the same result is computed on this one.
-    if threads >= 2 and n >= THREADS_MIN:
-        h = _helper_start()
-    _doubling(out, n, fk, fk1, a, b, h)
-    if h != NULL:
-        _helper_stop(h)
+    while found == 0:
+        x = y = 1LL << 62
+        for r in range(6):  # one, two, two, one, one, two
+            if r == 0 or r == 3 or r == 4:
+                x = min(x, _time_fib(n, False, out, fk, fk1, a, b))
+            else:
+                y = min(y, _time_fib(n, True, out, fk, fk1, a, b))
+        _cal_n[i] = n
+        _cal_t1[i] = x
+        _cal_t2[i] = y
+        i += 1
+        n <<= 1
+        ended = n > CAL_TOP_N or i == CAL_MAX_RUNGS
+        found = _pick_threshold(i, _cal_n, _cal_t1, _cal_t2, ended)
+        # The next rung costs about twice this one's six runs: out of time, an
+        # undecided calibration keeps one thread below the ladder's top.
+        if found == 0 and fastfib_now_ns() - start + 2 * 3 * (x + y) > CAL_BUDGET_NS:
+            found = CAL_NEVER_N
+    mpz_clear(out)
     mpz_clear(fk)
     mpz_clear(fk1)
     mpz_clear(a)
     mpz_clear(b)
-    return 0
+    _cal_count = i
+    _cal_ns = fastfib_now_ns() - start
+    return found
+
+
+cdef unsigned long _threads_threshold() noexcept nogil:
+    """The calibrated threshold; calibrates on first use; -1 (never) while another thread calibrates."""
+    global _threads_min
+    cdef int owner, me
+    if fastfib_load_int(&_cal_done):
+        return _threads_min
+    owner = fastfib_load_int(&_cal_owner)
+    me = getpid()
+    if owner == me or not fastfib_cas_int(&_cal_owner, owner, me):
+        return <unsigned long>-1
+    _threads_min = _calibrate()
+    fastfib_store_int(&_cal_done, 1)
+    return _threads_min
+
+
+def threads_min_n():
+    """The smallest n for which ``threads`` >= 2 uses a second thread in this process.
+
+    Calibrated on first use (by this call, or by the first ``fib``/``fib_encoded``
+    call with ``threads`` >= 2 and n >= THREADS_MIN_N): F(n) is timed on one and
+    on two threads at a few sizes, for at most about 60 ms, and two threads are
+    used only from the size where they were measured at least 10% faster (on
+    two sizes in a row). If they won nowhere, the threshold is above every size
+    tried (2^22).
+    """
+    cdef unsigned long t
+    while True:
+        with nogil:
+            t = _threads_threshold()
+        if t != <unsigned long>-1:
+            return t
+        time.sleep(0.001)  # another thread is calibrating
+
+
+def threads_calibration():
+    """What the calibration measured: ``None`` before it ran, else a dict with
+    ``threads_min_n``, ``ms`` and ``rungs`` (``n``, ``one_ns``, ``two_ns`` each:
+    the best of three timings of F(n) on one and on two threads)."""
+    if not fastfib_load_int(&_cal_done):
+        return None
+    return {
+        "threads_min_n": _threads_min,
+        "ms": _cal_ns / 1e6,
+        "rungs": [{"n": _cal_n[i], "one_ns": _cal_t1[i], "two_ns": _cal_t2[i]} for i in range(_cal_count)],
+    }
+
+
+def _set_threads_min_n(unsigned long n):
+    """Tests only: use ``n`` as the threshold (0: forget it, so that the next use calibrates)."""
+    global _threads_min, _cal_count
+    if n == 0:
+        fastfib_store_int(&_cal_done, 0)
+        fastfib_store_int(&_cal_owner, 0)
+        return
+    _threads_min = n
+    _cal_count = 0
+    fastfib_store_int(&_cal_done, 1)
+
+
+def _pick_threshold_for(rungs, bint ended):
+    """Tests only: the decision of the calibration on ``rungs`` [(n, one_ns, two_ns), ...]."""
+    cdef unsigned long ns[CAL_MAX_RUNGS]
+    cdef long long t1[CAL_MAX_RUNGS]
+    cdef long long t2[CAL_MAX_RUNGS]
+    cdef int i
+    if len(rungs) > CAL_MAX_RUNGS:
+        raise ValueError("too many rungs")
+    for i, (n, one, two) in enumerate(rungs):
+        ns[i], t1[i], t2[i] = n, one, two
+    return _pick_threshold(len(rungs), ns, t1, t2, ended)
+
+
+def _helpers_started():
+    """Tests only: how many helper threads this process has started."""
+    return fastfib_load_int(&_helper_count)
 
 
 # Temporaries for small n, reused from call to call so that a call allocates
@@ -579,10 +955,12 @@ cdef inline int _threads_of(object threads) except -1:
 def fib(n, threads=1):
     """F(n) as a ``gmpy2.mpz``, for 0 <= n <= MAX_N.
 
-    ``threads`` >= 2 computes a large F(n) (n >= THREADS_MIN_N) on two threads,
-    the calling one and a helper; more than two are accepted and mean two.
-    Below THREADS_MIN_N, and on a machine with no idle core, it costs about
-    what ``threads=1`` does. TypeError if ``threads`` is not an integer,
+    ``threads`` >= 2 computes a large F(n) on two threads, the calling one and
+    a helper, from the size where two threads were measured faster on this
+    machine (:func:`threads_min_n`, calibrated at the first such call); more
+    than two are accepted and mean two. Below that size it is the one-thread
+    computation; on a machine whose other core is busy it costs about what
+    ``threads=1`` does. TypeError if ``threads`` is not an integer,
     ValueError if it is below 1.
     """
     cdef unsigned long un = _check_n(n)
@@ -613,6 +991,11 @@ cdef bytes encode_decimal(mpz_srcptr z):
         with nogil:
             mpz_get_str(buf, 10, z)
     cdef Py_ssize_t used = <Py_ssize_t>strlen(buf)
+    return _bytes_final(raw, size, used)
+
+
+cdef bytes _bytes_final(PyObject *raw, Py_ssize_t size, Py_ssize_t used):
+    """The bytes object ``raw`` (an owned reference) cut down to ``used`` bytes."""
     if used != size:
         _PyBytes_Resize(&raw, used)  # frees the object and raises on failure
     cdef object out = <object>raw  # takes a second reference...
@@ -620,27 +1003,39 @@ cdef bytes encode_decimal(mpz_srcptr z):
     return out
 
 
+cdef bytes _encode_decimal_consuming(mpz_ptr z):
+    """z > 0 as ASCII decimal, like encode_decimal, but z's value is destroyed.
+
+    mpn_get_str works on z's own limbs, where mpz_get_str first copies them
+    into a fresh temporary (more page faults), and it returns the exact length.
+    """
+    cdef Py_ssize_t size = <Py_ssize_t>mpz_sizeinbase(z, 10)
+    cdef mp_size_t nlimbs = <mp_size_t>mpz_size(z)
+    cdef PyObject *raw = _bytes_new(NULL, size)
+    cdef unsigned char *buf = <unsigned char *>PyBytes_AS_STRING(<object>raw)
+    cdef size_t used
+    with nogil:
+        used = mpn_get_str(buf, 10, mpz_limbs_modify(z, nlimbs), nlimbs)
+        fastfib_to_ascii(buf, used)
+    mpz_set_ui(z, 0)  # its limbs hold garbage now
+    buf[used] = 0
+    return _bytes_final(raw, size, <Py_ssize_t>used)
+
+
 cdef bytes encode_binary(mpz_srcptr z):
     """z >= 0 as unsigned big-endian bytes of minimal length; zero is one 0x00 byte."""
     cdef size_t count = (mpz_sizeinbase(z, 2) + 7) // 8
     cdef object out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>count)
-    cdef char *buf = PyBytes_AS_STRING(out)
-    buf[0] = 0  # mpz_export writes nothing for zero
-    # Small values (all that _fib_small makes) keep the GIL, which also guards
-    # the shared small-n temporaries.
-    if count < 8192:
-        mpz_export(buf, &count, 1, 1, 1, 0, z)
-    else:
-        with nogil:
-            mpz_export(buf, &count, 1, 1, 1, 0, z)
+    fastfib_write_be(<unsigned char *>PyBytes_AS_STRING(out), count, z)
     return out
 
 
 def fib_encoded(n, fmt="decimal", threads=1):
     """F(n) encoded for a protocol v1 reply: ``fmt`` is "decimal" or "binary".
 
-    The bytes are written straight from the GMP integer (``mpz_get_str`` or
-    ``mpz_export``), with no Python int in between. ``threads`` is as for :func:`fib`.
+    The bytes are written straight from the GMP integer's limbs (by
+    ``mpn_get_str`` or a byte-swapping copy), with no Python int in between.
+    ``threads`` is as for :func:`fib`.
     """
     cdef bint binary
     if fmt == "binary":
@@ -651,17 +1046,28 @@ def fib_encoded(n, fmt="decimal", threads=1):
         raise ValueError(f"fmt must be 'decimal' or 'binary', not {fmt!r}")
     cdef unsigned long un = _check_n(n)
     cdef int t = _threads_of(threads)
-    cdef mpz_t z
+    cdef mpz_t own
+    cdef mpz_ptr z
     if un < NOGIL_MIN_N:
         _fib_small(_small_out, un)
         return encode_binary(_small_out) if binary else encode_decimal(_small_out)
-    mpz_init2(z, 64)
+    # F(n) is a temporary here: reuse the scratch one when it is free.
+    cdef bint scratch = un <= SCRATCH_MAX_N and fastfib_take(&_out_busy)
+    if scratch:
+        z = _scratch_out
+        _reserve(z, _work_bits(un))
+    else:
+        mpz_init2(own, 64)
+        z = own
     try:
         with nogil:
             fib_into(z, un, t)
-        return encode_binary(z) if binary else encode_decimal(z)
+        return encode_binary(z) if binary else _encode_decimal_consuming(z)
     finally:
-        mpz_clear(z)
+        if scratch:
+            fastfib_give(&_out_busy)
+        else:
+            mpz_clear(own)
 
 
 def encode(z, fmt="decimal"):

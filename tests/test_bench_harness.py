@@ -97,6 +97,91 @@ def test_grid_and_naive_cells_not_run():
     assert harness.applies(naive, harness.Cell("fixed", "decimal", "seq", 30), max_workers=2) == (True, None)
 
 
+def _drawn(spec: dict, count: int) -> set[int]:
+    w = load.Workload(spec, "binary", "fib")
+    return {w.next_n() for _ in range(count)}
+
+
+def test_compute_bound_cell_draws_fresh_n_in_every_repeat():
+    """Each repeat (and each client) of the distinct-n cell asks one server only n it never asked before."""
+    cell = harness.Cell("distinct", "binary", "pipe")
+    blocks: dict[str, int] = {}
+    seen: dict[str, set[int]] = {"fastfib-w2": set(), "gmpy2": set()}
+    for _repeat in range(3):
+        for server in seen:  # the servers of one repeat run in turn, as in the plan
+            for spec in harness.workload_specs(cell, server, 2, blocks):
+                drawn = _drawn(spec, 3000)  # more than a measurement window asks at this n
+                assert len(drawn) == 3000
+                assert not drawn & seen[server], "a repeat asked an n that an earlier one had asked"
+                seen[server] |= drawn
+    # fixed cells keep their one n
+    assert harness.workload_specs(harness.Cell("fixed", "binary", "pipe", 20), "gmpy2", 2, blocks) == [{"kind": "fixed", "n": 20}] * 2
+
+
+def test_compute_bound_cell_refuses_to_repeat_n():
+    cell = harness.Cell("distinct", "binary", "pipe")
+    blocks: dict[str, int] = {}
+    fresh = (harness.DISTINCT_RANGE[1] - harness.DISTINCT_RANGE[0] + 1) // load.DISTINCT_BLOCK
+    harness.workload_specs(cell, "gmpy2", fresh, blocks)
+    with pytest.raises(harness.BenchFailure, match="fresh values"):
+        harness.workload_specs(cell, "gmpy2", 1, blocks)
+
+
+def test_plain_processes_for_each_worker_count_and_the_asyncio_cell():
+    settings = harness.Settings(quick=True, url="amqp://x", out=Path("/tmp"), duration=1, warmup=0, repeat=1, clients=1,
+                                window=32, workers=[1, 2, 4], servers=["gmpy2", "fastfib", "aio"], naive_calls=1,
+                                lost_timeout=5, cache_bytes=None)
+    specs = {s.key: s for s in harness.server_specs(settings, "run", fastfib_ok=True)}
+    assert {"gmpy2", "gmpy2-p2", "gmpy2-p4"} <= set(specs)
+    assert specs["gmpy2-p2"].argv[-2:] == ["--procs", "2"] and specs["gmpy2-p4"].workers == 4
+    distinct = harness.Cell("distinct", "binary", "pipe")
+    assert harness.applies(specs["gmpy2-p2"], distinct, 4) == (True, None)
+    assert harness.applies(specs["gmpy2-p2"], harness.Cell("fixed", "decimal", "pipe", 20), 4)[0] is False
+    assert harness.cell_params(settings, specs["fastfib-w2"], distinct)["window"] == 8
+    aio = [c for c in harness.build_cells(True, {"aio"}) if c.api == "aio"]
+    assert [c.id for c in aio] == ["n=20/decimal/pipe/aio"]
+    assert harness.applies(specs["fastfib-w4"], aio[0], 4) == (True, None)
+    assert harness.applies(specs["fastfib-w2"], aio[0], 4)[0] is False
+    params = harness.cell_params(settings, specs["fastfib-w4"], aio[0])
+    assert (params["calls"], params["inflight"]) == (4000, 64)
+
+
+def test_asyncio_cell_rows_and_target():
+    cell = harness.Cell("fixed", "decimal", "pipe", 20, api="aio")
+    pool = {"key": "fastfib-w2", "kind": "fastfib", "label": "fastfib w=2", "workers": 2, "cache": True}
+
+    def side(seconds: float, cpu: float) -> dict:
+        return {"count": 4000, "verified": 4200, "t_start": 1.0, "t_end": 2.0, "busy_s": seconds, "hist": None,
+                "stray": 0, "min_count_reached": True, "side_cpu_s": cpu}
+
+    ms = [harness.Measurement("fastfib-w2", cell, r, [{**side(1.0, 0.5), "baseline": side(3.5 + r, 3.0)}], {}, None,
+                              [(1, 1.0, 0.1)], 5.0, {"window": 64}) for r in range(3)]
+    rows = harness.aggregate({"servers": [pool], "measurements": ms, "not_run": []})
+    by_server = {r["server"]: r for r in rows}
+    assert set(by_server) == {harness.AIO_ROW, harness.AIO_BASELINE_ROW}
+    assert by_server[harness.AIO_ROW]["cpu"]["side_us_per_reply"] == pytest.approx(125.0)
+    t = next(t for t in report.compute_targets(rows, [pool], {"serve": True, "client": True}) if t["key"] == "aio")
+    assert t["ratios_by_repeat"] == pytest.approx([3.5, 4.5, 5.5]) and t["ratio"] == pytest.approx(4.5) and t["passed"]
+
+
+def test_report_says_what_passes_and_what_the_exit_status_means(tmp_path):
+    targets = [
+        {"key": "a", "group": "g", "description": "thing A at least 2×", "op": ">=", "threshold": 2.0, "status": "measured",
+         "ratio": 2.5, "passed": True, "ratios_by_repeat": [2.5]},
+        {"key": "b", "group": "g", "description": "thing B at most 1.0×", "op": "<=", "threshold": 1.0, "status": "measured",
+         "ratio": 1.2, "passed": False, "ratios_by_repeat": [1.2]},
+        {"key": "c", "group": "g", "description": "thing C", "op": ">=", "threshold": 1.0, "status": "not_measured",
+         "ratio": None, "passed": None, "reason": "not measured: x not run"},
+    ]
+    for quick in (False, True):
+        text = "\n".join(report.summary_lines({"targets": targets, "settings": {"quick": quick}}))
+        assert "1 of 3 targets pass, 1 fail, 1 were not measured" in text
+        assert "thing B at most 1.0×: measured 1.20×, needs <= 1.0×" in text
+        assert ("indicative" in text) == quick
+    assert report.verdict(targets[1], quick=True) == "FAIL (indicative: --quick)"
+    assert report.verdict(targets[0]) == "PASS"
+
+
 def test_cli_rejects_bad_arguments():
     p = subprocess.run([sys.executable, "-m", "bench", "--servers", "nope"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and "unknown server" in p.stderr
@@ -207,7 +292,7 @@ def test_client_cell_fails_loudly_on_a_wrong_reply(broker_url, reference_server,
 
 
 def test_client_cell_rows_and_targets_come_from_one_measurement():
-    """aggregate() splits a client cell into the client's row and the bare loop's; 4.1 divides the two."""
+    """aggregate() splits a client cell into the client's row and the bare loop's; the p50 target divides the two."""
     cell = harness.Cell("fixed", "binary", "seq", 20, api="client")
     pool = {"key": "fastfib-w1", "kind": "fastfib", "label": "fastfib w=1", "workers": 1, "cache": True}
 
@@ -226,7 +311,7 @@ def test_client_cell_rows_and_targets_come_from_one_measurement():
     # throughput over each side's own busy time, not over the shared window
     assert by_server[harness.CLIENT_ROW]["throughput_rps"] == pytest.approx(100 / 0.044)
     assert by_server[harness.CLIENT_BASELINE_ROW]["throughput_rps"] == pytest.approx(100 / 0.040)
-    t41 = next(t for t in report.compute_targets(rows, [pool], {"serve": True, "client": True}) if t["issue"] == "4.1")
+    t41 = next(t for t in report.compute_targets(rows, [pool], {"serve": True, "client": True}) if t["key"] == "client-call-p50")
     assert t41["status"] == "measured" and t41["ratio"] == pytest.approx(1.1, rel=0.01) and t41["ratios_by_repeat"]
 
 
@@ -255,15 +340,16 @@ def test_quick_benchmark_run_writes_the_report(broker_url, tmp_path):
     for r in ok:
         assert r["throughput_rps"] > 0 and r["count"] > 0 and r["verified"] >= r["count"], r["id"]
         assert r["cpu"]["server_s"] is not None and r["cpu"]["load_s"] is not None, r["id"]
-        if not (r["api"] == "client" and r["mode"] == "pipe"):
+        if r["api"] == "pika" or (r["api"] == "client" and r["mode"] == "seq"):  # pipelined clients: rates only
             assert set(r["latency_us"]) >= {"p50", "p90", "p99", "p99.9"}, r["id"]
             assert r["latency_us"]["p50"] <= r["latency_us"]["p99"] <= r["latency_us"]["p99.9"]
             assert r["cdf"] and r["cdf"][-1][0] == pytest.approx(100.0)
     if report["fastfib"]["client"]:
         for side in (harness.CLIENT_ROW, harness.CLIENT_BASELINE_ROW):
             assert {r["cell"] for r in ok if r["server"] == side} == {"n=20/binary/seq/client", "n=20/binary/pipe/client"}, side
-        client_targets = {t["issue"]: t for t in report["targets"] if t["issue"] in ("4.1", "4.2")}
-        assert set(client_targets) == {"4.1", "4.2"} and all(t["status"] == "measured" for t in client_targets.values())
+        keys = ("client-call-p50", "client-many-cpu", "client-many-rate")
+        client_targets = {t["key"]: t for t in report["targets"] if t["key"] in keys}
+        assert set(client_targets) == set(keys) and all(t["status"] == "measured" for t in client_targets.values())
     else:
         assert any("client rows" in n for n in report["notes"])
     # the naive server: measured at n=30 with a few calls, never at n >= 1000
@@ -272,8 +358,8 @@ def test_quick_benchmark_run_writes_the_report(broker_url, tmp_path):
     not_run = [r for r in rows if r["status"] == "not_run"]
     assert not_run and all(r["server"] == "naive" and r["reason"].startswith("not run") for r in not_run)
     # the targets are there, as ratios or with the reason they are not
-    issues = {t["issue"] for t in report["targets"]}
-    assert {"3.1", "3.2", "3.4"} <= issues
+    keys = {t["key"] for t in report["targets"]}
+    assert {"n20-naive-w1", "n20-seq-w1", "hot-w1", "compute-w1", "encode-binary", "threads-10M"} <= keys
     for t in report["targets"]:
         assert t["status"] in ("measured", "not_measured")
         if t["status"] == "measured":

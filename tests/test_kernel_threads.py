@@ -23,7 +23,18 @@ import pytest
 import fastfib
 from fastfib import _kernel, fib, fib_encoded
 
-THREADS_MIN_N = _kernel.THREADS_MIN_N
+# The threshold is calibrated per process (tests/test_kernel_calibration.py);
+# here it is pinned, so that the threaded paths run at known n.
+THREADS_MIN_N = 600_000
+
+
+@pytest.fixture(autouse=True)
+def pinned_threshold():
+    _kernel._set_threads_min_n(THREADS_MIN_N)
+    _kernel._reset_threads_backoff()
+    yield
+    _kernel._set_threads_min_n(0)
+    _kernel._reset_threads_backoff()
 
 
 def _task_count() -> int:
@@ -40,7 +51,8 @@ def _wait_for_tasks(at_most: int, timeout: float = 5.0) -> int:
 
 def test_threshold_constant():
     # Threads are used only where they pay; below, threads=2 is the one-thread path.
-    assert _kernel._NOGIL_MIN_N <= 2 * _kernel._PAR_MIN_M <= THREADS_MIN_N <= 2_000_000
+    assert _kernel._NOGIL_MIN_N <= 2 * _kernel._PAR_MIN_M <= _kernel.THREADS_MIN_N <= THREADS_MIN_N
+    assert _kernel.threads_min_n() == THREADS_MIN_N
     assert fastfib.fib(THREADS_MIN_N, threads=2) == gmpy2.fib(THREADS_MIN_N)
 
 
