@@ -514,11 +514,12 @@ cdef int fib_into(mpz_ptr out, unsigned long n, int threads=1) except -1 nogil:
     # Sized up front for the largest intermediate (F[n/2] has about 0.347 n
     # bits, its square twice that), so GMP never reallocates mid-way.
     bits = _work_bits(n)
-    cdef long long t0
+    cdef long long t0, c0, wall, off_cpu
     # If the system refuses a thread, the same result is computed on this one.
     if threads >= 2 and n >= THREADS_MIN and n >= _threads_threshold() and not fastfib_backoff_take(&_backoff_left):
         h = _helper_start()
     t0 = fastfib_now_ns()
+    c0 = fastfib_thread_cpu_ns()
     if n <= SCRATCH_MAX_N and fastfib_take(&_scratch_busy):
         _reserve(_scratch_fk, bits)
         _reserve(_scratch_fk1, bits)
@@ -537,7 +538,9 @@ cdef int fib_into(mpz_ptr out, unsigned long n, int threads=1) except -1 nogil:
         mpz_clear(a)
         mpz_clear(b)
     if h != NULL:
-        _judge_helper(h.waited, fastfib_now_ns() - t0)
+        wall = fastfib_now_ns() - t0
+        off_cpu = wall - (fastfib_thread_cpu_ns() - c0)
+        _judge_helper(max(h.waited, off_cpu), wall)
         _helper_stop(h)
     return 0
 
@@ -549,8 +552,10 @@ cdef int fib_into(mpz_ptr out, unsigned long n, int threads=1) except -1 nogil:
 # second core later. Then the helper, descheduled in the middle of a product,
 # makes the caller wait, and threads=2 becomes slower than threads=1 (measured
 # 1.1-1.4x with both cores busy with other work). So each threaded call
-# measures how long the caller waited for the helper: past STARVED_PCT of the
-# call, the next calls eligible for two threads run on one (BACKOFF_MIN calls,
+# measures how long the caller waited for the helper, and how long the caller
+# itself was off a CPU (wall minus its thread CPU time: no idle core for it
+# either): past STARVED_PCT of the call for either, the next calls eligible
+# for two threads run on one (BACKOFF_MIN calls,
 # doubling up to BACKOFF_MAX while it goes on), and then two threads are tried
 # again. Under sustained load at most one call in BACKOFF_MIN + 1 (then fewer)
 # pays, and that one at most the wait measured.
@@ -558,6 +563,12 @@ cdef int fib_into(mpz_ptr out, unsigned long n, int threads=1) except -1 nogil:
 
 cdef extern from *:
     """
+    #include <time.h>
+    static inline long long fastfib_thread_cpu_ns(void) {
+        struct timespec t;
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+        return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+    }
     static inline int fastfib_backoff_take(int *left) {
         int v = __atomic_load_n(left, __ATOMIC_RELAXED);
         while (v > 0)
@@ -567,6 +578,7 @@ cdef extern from *:
     }
     """
     bint fastfib_backoff_take(int *) nogil
+    long long fastfib_thread_cpu_ns() nogil
 
 cdef enum:
     STARVED_PCT = 20
