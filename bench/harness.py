@@ -502,8 +502,11 @@ def server_specs(settings: Settings, run_id: str, fastfib_ok: bool) -> list[Serv
     for s in specs:
         s.queue = f"bench.{run_id}.{s.key}"
         if s.kind in ("fastfib", "fastfib-pika"):
+            # The peers (bench.servers) declare the seed tutorial's transient classic queue;
+            # fastfib serves the same kind, so that the queue's cost is the same on both sides.
             s.argv = [py, "-m", "fastfib", "serve", "--url", settings.url, "--queue", s.queue,
-                      "--workers", str(s.workers), "--log-level", "warning"]
+                      "--workers", str(s.workers), "--log-level", "warning",
+                      "--queue-type", "classic", "--no-queue-durable"]
             if s.kind == "fastfib-pika":
                 s.argv += ["--wire", "pika"]
             if not s.cache:

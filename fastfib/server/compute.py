@@ -17,10 +17,11 @@ from typing import Any
 
 def kernel_encoder(threads: int = 1) -> Callable[[int, str], bytes]:
     """The compiled kernel's ``fib_encoded``, with ``threads`` threads per F(n)."""
-    from .. import fib_encoded
+    from .. import fib_encoded, threads_min_n
 
     if threads == 1:
         return fib_encoded  # the plain call: no partial on the hot path
+    threads_min_n()  # calibrate now (tens of ms), at startup, rather than in the first large request
     return functools.partial(fib_encoded, threads=threads)
 
 
