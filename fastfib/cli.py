@@ -8,6 +8,7 @@ for ``call``); this module holds no service logic.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 # Exit codes of `fastfib call` (issue 4); argparse itself exits 2 on bad arguments.
@@ -50,11 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _demo(args: argparse.Namespace) -> int:
     from . import fib, kernel_info
 
-    print(kernel_info())
-    for n in (0, 1, 2, 10, 20, 30, 93, 94, 100, 1000):
-        value = str(fib(n))
-        shown = value if len(value) <= 60 else f"{value[:25]}...{value[-25:]} ({len(value)} digits)"
-        print(f"F({n}) = {shown}")
+    try:
+        print(kernel_info())
+        for n in (0, 1, 2, 10, 20, 30, 93, 94, 100, 1000):
+            value = str(fib(n))
+            shown = value if len(value) <= 60 else f"{value[:25]}...{value[-25:]} ({len(value)} digits)"
+            print(f"F({n}) = {shown}", flush=True)
+    except BrokenPipeError:
+        # `fastfib demo | head`: the reader left; Python would print a traceback at exit while flushing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
 
 
@@ -63,9 +68,11 @@ def _add_serve_arguments(serve: argparse.ArgumentParser) -> None:
 
     serve.description = (
         "Run the RPC server pool in the foreground: a supervisor and N worker processes, each with its own "
-        "broker connection, answering protocol v1 requests (docs/protocol.md) on the queue. Logs to stderr; "
+        "broker connection (plus a Direct Reply-to probe connection on brokers before 3.12.0), answering "
+        "protocol v1 requests (docs/protocol.md) on the queue. Logs to stderr; "
         "logs 'all N workers consuming' once ready. SIGTERM or SIGINT stops it gracefully (exit 0). "
-        "Exit 77: the broker refused the credentials or a permission."
+        "Exit 2: a bad setting. Exit 77: the broker refused the credentials or a permission. "
+        "Exit 78: the broker refused the queue declaration (e.g. RabbitMQ 4.3 and a transient queue)."
     )
     serve.epilog = (
         "Every option can also be set with the environment variable shown (an empty one counts as unset); a flag "

@@ -7,6 +7,7 @@ a missing optional dependency is one clear line naming the extra.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -53,3 +54,15 @@ def test_fastfib_demo_checks_the_kernel_without_a_broker():
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "compiled kernel" in proc.stdout and "F(100) = 354224848179261915075" in proc.stdout
+
+
+def test_fastfib_demo_into_a_reader_that_left_prints_no_traceback():
+    """`fastfib demo | head -1`: once the reader has gone, the demo stops quietly (exit 0, no traceback)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line: every write meets EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fastfib", "demo"], cwd=ROOT, stdout=write_end,
+                              stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr.decode()
