@@ -36,7 +36,7 @@ import pika.frame
 from pika import spec
 from pika.adapters.select_connection import IOLoop
 
-from .wire import FRAME_OVERHEAD, INCOMPLETE, decode_delivery, encode_reply, frame_count
+from .wire import FRAME_OVERHEAD, INCOMPLETE, BadDelivery, RequestEncoder, decode_delivery, encode_reply, frame_count
 
 try:  # for the direct send of CoalescingConnection._flush (plain TCP only; TLS goes through pika)
     from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PlaintextTransport
@@ -46,7 +46,9 @@ except ImportError:  # pragma: no cover - another pika layout: pika's own writes
 log = logging.getLogger(__name__)
 
 _UNPACK_FRAME_HEADER = struct.Struct(">BHI").unpack_from
+_UNPACK_U64 = struct.Struct(">Q").unpack_from
 _BASIC_DELIVER = b"\x00\x3c\x00\x3c"  # class 60 (basic), method 60 (deliver)
+_BASIC_ACK = b"\x00\x3c\x00\x50"  # class 60 (basic), method 80 (ack)
 #: Deliveries with a larger body are left to pika (a valid request is at most 64 bytes): a large one
 #: arriving over many reads would be decoded again from its start at each read.
 _FAST_BODY_MAX = 65536
@@ -75,6 +77,7 @@ class CoalescingConnection(pika.SelectConnection):
         self._flush_scheduled = False
         self._before_flush = before_flush
         self._fast: tuple[int, bytes, Callable] | None = None
+        self._fast_acks: tuple[int, Callable] | None = None
         super().__init__(*args, **kwargs)
 
     def set_fast_deliveries(self, channel_number: int, consumer_tag: str, handler: Callable) -> None:
@@ -88,23 +91,37 @@ class CoalescingConnection(pika.SelectConnection):
     def clear_fast_deliveries(self) -> None:
         self._fast = None
 
+    def set_fast_acks(self, channel_number: int, handler: Callable[[int, bool], None]) -> None:
+        """Decode the publisher confirms (``basic.ack``) on ``channel_number`` here and call
+        ``handler(delivery_tag, multiple)``; ``basic.nack`` and everything else still go to pika."""
+        self._fast_acks = (channel_number, handler)
+
     def _on_data_available(self, data_in: bytes) -> None:
-        if self._fast is None and not self._frame_buffer:
+        if self._fast is None and self._fast_acks is None and not self._frame_buffer:
             super()._on_data_available(data_in)
             return
         buf = self._frame_buffer + data_in if self._frame_buffer else data_in
         self._frame_buffer = b""
         pos, n = 0, len(buf)
         while n - pos >= 8:
-            fast = self._fast
-            if fast is None:  # switched off meanwhile (consumer cancelled): pika takes the rest
+            fast, acks = self._fast, self._fast_acks
+            if fast is None and acks is None:  # switched off meanwhile (consumer cancelled): pika takes the rest
                 super()._on_data_available(buf[pos:])
                 return
             ftype, channel_number, size = _UNPACK_FRAME_HEADER(buf, pos)
             end = pos + 7 + size
             if end >= n:
                 break
-            if ftype == 1 and channel_number == fast[0] and buf[pos + 7:pos + 11] == _BASIC_DELIVER:
+            if (acks is not None and ftype == 1 and size == 13 and channel_number == acks[0]
+                    and buf[pos + 7:pos + 11] == _BASIC_ACK and buf[end] == 0xCE):
+                (tag,) = _UNPACK_U64(buf, pos + 11)
+                self.bytes_received += 21
+                self.frames_received += 1
+                pos = end + 1
+                acks[1](tag, bool(buf[pos - 2] & 1))
+                continue
+            if (fast is not None and ftype == 1 and channel_number == fast[0]
+                    and buf[pos + 7:pos + 11] == _BASIC_DELIVER):
                 delivery = decode_delivery(buf, pos, channel_number, fast[1], max_body=_FAST_BODY_MAX)
                 if delivery is INCOMPLETE:
                     break
@@ -132,16 +149,17 @@ class CoalescingConnection(pika.SelectConnection):
         if not self._flush_scheduled:
             self.request_flush()
 
-    def write_frames(self, pieces: list, frames: int) -> None:
+    def write_frames(self, pieces: list, frames: int, *, schedule: bool = True) -> None:
         """Queue already-marshaled bytes (``pieces``, bytes or memoryviews, making up ``frames`` whole
-        frames); they are not copied before they are written."""
+        frames); they are not copied before they are written. With ``schedule=False`` they wait for
+        the caller's :meth:`flush` (or the next scheduled one)."""
         if self.is_closed:
             raise pika.exceptions.ConnectionWrongStateError("the connection is closed")
         for piece in pieces:
             self.bytes_sent += len(piece)
         self.frames_sent += frames
         self._out.extend(pieces)
-        if not self._flush_scheduled:
+        if schedule and not self._flush_scheduled:
             self.request_flush()
 
     def body_max_length(self) -> int:
@@ -164,6 +182,10 @@ class CoalescingConnection(pika.SelectConnection):
             log.exception("internal error before writing the output (acknowledgements); writing it anyway")
         finally:
             self._flush_scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what is buffered now (one ``sendmsg`` when the socket takes it all)."""
         out = self._out
         if not out:
             return
@@ -222,6 +244,128 @@ def _coalesce(pieces: list):
             small.append(piece)
     if small:
         yield b"".join(small)
+
+
+# ----------------------------------------------------------------------------- the blocking client's wire
+
+
+def _never(*_args: Any) -> None:
+    """pika's consumer callback for replies the fast decoder takes (it never gets any)."""
+
+
+class ClientWire:
+    """The blocking client's fast wire: requests written pre-encoded, replies and confirms decoded here.
+
+    It drives a :class:`pika.BlockingConnection` built by :meth:`connect`,
+    whose implementation is a :class:`CoalescingConnection`. A batch of
+    requests (:meth:`publish`, encoded by :class:`fastfib.wire.RequestEncoder`)
+    goes out in one ``sendmsg`` (:meth:`flush`); replies are decoded by
+    :func:`fastfib.wire.decode_reply` and ``basic.ack`` confirms by
+    :class:`CoalescingConnection`, inside :meth:`wait`, without pika's frame
+    and dispatch machinery. Everything else (channel open, ``basic.return``,
+    ``basic.nack``, replies over 64 KiB, heartbeats, closes) is pika's, as
+    with a plain ``BlockingConnection``. Use it only when
+    :func:`client_self_check` passed.
+    """
+
+    @staticmethod
+    def connect(params: pika.connection.Parameters) -> pika.BlockingConnection:
+        """A BlockingConnection whose implementation is a :class:`CoalescingConnection`."""
+        return pika.BlockingConnection(params, _impl_class=CoalescingConnection)
+
+    def __init__(self, conn: pika.BlockingConnection, channel: Any) -> None:
+        self._conn = conn
+        self._impl: CoalescingConnection = conn._impl
+        self._ioloop = self._impl.ioloop
+        self._channel = channel
+        self.channel_number: int = channel.channel_number
+        self._encoder: RequestEncoder | None = None
+
+    def confirm_select(self, on_ack: Callable[[int, bool], None], on_nack: Callable[[int, bool], None],
+                       timeout: float) -> None:
+        """Publisher confirms, settled asynchronously: ``on_ack``/``on_nack(delivery_tag, multiple)``.
+
+        ``BlockingChannel.confirm_delivery()`` would make every publish wait
+        for its own confirm; the channel under it takes callbacks instead.
+        """
+
+        def on_frame(frame: Any) -> None:
+            method = frame.method
+            (on_nack if isinstance(method, spec.Basic.Nack) else on_ack)(method.delivery_tag, method.multiple)
+
+        selected: list = []
+        self._channel._impl.confirm_delivery(ack_nack_callback=on_frame, callback=selected.append)
+        self.wait(timeout, lambda: selected)
+        if not selected:
+            raise pika.exceptions.AMQPConnectionError("the broker did not answer Confirm.Select")
+        self._impl.set_fast_acks(self.channel_number, on_ack)
+
+    def consume(self, queue: str, on_reply: Callable[[Any, bytes], None],
+                on_bad: Callable[[Any], None]) -> None:
+        """Consume ``queue`` with auto-ack: ``on_reply(properties, body)`` for each reply (the
+        properties have ``correlation_id``, ``content_type``, ``headers``), ``on_bad(bad_delivery)``
+        for one that does not decode (:class:`fastfib.wire.BadDelivery`)."""
+
+        def fast(delivery: Any) -> None:
+            if type(delivery) is BadDelivery:
+                on_bad(delivery)
+            else:
+                on_reply(delivery.properties, delivery.body)
+
+        ctag = self._channel.basic_consume(queue, lambda _ch, _m, props, body: on_reply(props, body),
+                                           auto_ack=True)
+        self._impl.set_fast_deliveries(self.channel_number, ctag, fast)
+
+    def prepare(self, queue: str, reply_to: str, accept: str) -> None:
+        """Encode the constant part of the requests to ``queue`` (mandatory, replies to ``reply_to``)."""
+        self._encoder = RequestEncoder(self.channel_number, self._impl.body_max_length() + FRAME_OVERHEAD, queue,
+                                       reply_to, accept, mandatory=True)
+
+    def _raise_closed(self) -> None:
+        """Raise why the connection closed, cleaning up as ``BlockingConnection._flush_output`` does."""
+        closed = self._conn._closed_result
+        if closed.ready:
+            error = closed.value.error
+            self._conn._cleanup()
+            if not isinstance(error, pika.exceptions.ConnectionClosedByClient):
+                raise error
+        raise pika.exceptions.ConnectionWrongStateError("the connection is closed")
+
+    def publish(self, correlation_id: str, expiration: str, deadline_ms: int, body: bytes) -> None:
+        """Queue one request; it goes out at the next :meth:`flush` (or :meth:`wait`)."""
+        if not self._channel.is_open:
+            if self._impl.is_closed:
+                self._raise_closed()
+            raise pika.exceptions.ChannelWrongStateError("the channel is closed")
+        pieces = self._encoder.frames(correlation_id, expiration, deadline_ms, body)
+        self._impl.write_frames(pieces, frame_count(pieces), schedule=False)
+
+    def flush(self) -> None:
+        """Write the queued requests now."""
+        if self._impl._out:
+            self._impl.flush()
+
+    def wait(self, timeout: float, done: Callable[[], Any]) -> None:
+        """Serve the connection until ``done()`` or ``timeout`` seconds, like
+        ``process_data_events(timeout)`` but returning as soon as ``done()`` (which the fast handlers
+        make true; pika would not know). pika's own events are then dispatched as it would."""
+        conn, ioloop = self._conn, self._ioloop
+        if conn.is_closed:
+            self._raise_closed()
+        self.flush()
+        fired: list = []
+        timer = ioloop.call_later(timeout, lambda: fired.append(True))
+        closed = conn._closed_result
+        try:
+            while not (done() or fired or closed.ready or conn._channels_pending_dispatch or conn._ready_events):
+                ioloop.poll()
+                ioloop.process_timeouts()
+        finally:
+            ioloop.remove_timeout(timer)
+        if closed.ready and not done():  # replies that came with the close are handed over first
+            self._raise_closed()
+        if conn._channels_pending_dispatch or conn._ready_events:
+            conn.process_data_events(0)  # pika's consumer and return callbacks
 
 
 # ----------------------------------------------------------------------------- the self-check
@@ -423,3 +567,8 @@ def self_check() -> str | None:
                 pass
     return None
 
+
+
+def client_self_check() -> str | None:
+    """None when :class:`ClientWire` works with the installed pika; else what went wrong."""
+    return self_check()
