@@ -15,12 +15,9 @@ this client shares with :mod:`fastfib.aio` is in :mod:`fastfib.rpc_base`.
 
 from __future__ import annotations
 
-import functools
-import itertools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from time import monotonic
 from typing import Any
@@ -31,7 +28,7 @@ from pika.spec import BasicProperties
 
 from . import pika_seam
 from .errors import ConnectionLost, ProtocolError, RemoteError, RpcError, RpcTimeout
-from .protocol import DEFAULT_QUEUE, DIRECT_REPLY_TO, HEADER_ACCEPT, HEADER_DEADLINE, decode_reply
+from .protocol import DEFAULT_QUEUE, DIRECT_REPLY_TO, decode_reply
 from .rpc_base import (
     AUTH_ERRORS,
     DEFAULT_STALL_TIMEOUT,
@@ -44,6 +41,7 @@ from .rpc_base import (
     REPLY_EXCLUSIVE,
     ClientSettings,
     Confirms,
+    CorrelationIds,
     NoConfirms,
     StalledConnection,
     check_n,
@@ -51,8 +49,10 @@ from .rpc_base import (
     check_window,
     connect_error,
     consumer_note,
+    fast_wire_works,
     lost_message,
     nack_delay,
+    request_properties,
     timeout_message,
     unroutable,
 )
@@ -63,19 +63,6 @@ _log = logging.getLogger(__name__)
 
 #: How long opening confirm mode may take before the connection counts as broken, in seconds.
 _CONFIRM_SELECT_TIMEOUT = 10.0
-
-
-@functools.cache
-def fast_wire_works() -> bool:
-    """Whether the client's fast wire works with the installed pika
-    (:func:`fastfib.pika_seam.client_self_check`), checked once per process; when it does not,
-    one warning says so and the client uses pika's public API."""
-    problem = pika_seam.client_self_check()
-    if problem is not None:
-        _log.warning("the client's fast wire does not work with the installed pika %s (%s); using pika's "
-                     "public API instead (publisher confirms then cost a round trip per request)",
-                     pika.__version__, problem)
-    return problem is None
 
 
 class _PublicWire:
@@ -99,8 +86,7 @@ class _PublicWire:
         self._queue, self._reply_to, self._accept = queue, reply_to, accept
 
     def publish(self, correlation_id: str, expiration: str, deadline_ms: int, body: bytes) -> None:
-        props = BasicProperties(reply_to=self._reply_to, correlation_id=correlation_id, expiration=expiration,
-                                headers={HEADER_ACCEPT: self._accept, HEADER_DEADLINE: deadline_ms})
+        props = request_properties(self._reply_to, self._accept, correlation_id, expiration, deadline_ms)
         try:
             self._channel.basic_publish("", self._queue, body, props, True)
         except pika.exceptions.UnroutableError as exc:  # confirm mode: returns are raised, not called back
@@ -195,9 +181,7 @@ class FibonacciRpcClient(ClientSettings):
         self._conn: pika.BlockingConnection | None = None
         self._channel: Any = None
         self._link: Any = None  # pika_seam.ClientWire, or _PublicWire
-        # Correlation ids: 32 hex digits, a random prefix per client and a counter (cheaper than uuid4).
-        self._corr_prefix = uuid.uuid4().hex[:16]
-        self._corr_count = itertools.count(1)
+        self._new_corr = CorrelationIds()
         self._reply_to: str = DIRECT_REPLY_TO
         self._confirms: Confirms | NoConfirms = NoConfirms()
         self._nacked: list[tuple[float, str]] = []  # (when to resend, correlation id)
@@ -249,7 +233,7 @@ class FibonacciRpcClient(ClientSettings):
                 raise RpcError("the client is closed")
             now = monotonic()
             slot = _Slot(body, now + t, int((time.time() + t) * 1000))
-            corr = f"{self._corr_prefix}{next(self._corr_count):016x}"
+            corr = self._new_corr()
             pending = self._pending
             if not pending:
                 self._last_progress = now
@@ -331,10 +315,10 @@ class FibonacciRpcClient(ClientSettings):
                         expiration = str(max(1, int((deadline - monotonic()) * 1000)))
                         try:
                             link, confirms = self._link, self._confirms
-                            prefix, count = self._corr_prefix, self._corr_count
+                            new_corr = self._new_corr
                             while sent < total and sent - done < window:
                                 body = b"%d" % ns[sent]
-                                corr = f"{prefix}{next(count):016x}"
+                                corr = new_corr()
                                 pending[corr] = _Slot(body, deadline, deadline_ms, sent)
                                 mine.append(corr)
                                 sent += 1

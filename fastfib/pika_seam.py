@@ -34,6 +34,7 @@ import pika
 import pika.exceptions
 import pika.frame
 from pika import spec
+from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.select_connection import IOLoop
 
 from .wire import FRAME_OVERHEAD, INCOMPLETE, BadDelivery, RequestEncoder, decode_delivery, encode_reply, frame_count
@@ -59,14 +60,16 @@ _IOV_MAX = 1024
 _JOIN_BELOW = 65536
 
 
-class CoalescingConnection(pika.SelectConnection):
-    """A SelectConnection that writes one I/O loop turn's frames with one ``sendmsg``.
+class _FastWire:
+    """What :class:`CoalescingConnection` and :class:`AsyncioCoalescingConnection` add to pika's
+    connection classes: one write per I/O loop turn, and a fast decoder for one consumer's
+    deliveries and one channel's publisher confirms.
 
     pika hands every frame to its transport separately, and the transport
     sends each queued chunk with a system call of its own: a reply is three
     frames (method, header, body), so three ``send`` calls, plus one per ack.
     Measured under load, those calls were the largest single cost of a worker.
-    This subclass collects what pika outputs during a loop turn and writes it
+    This class collects what pika outputs during a loop turn and writes it
     in a timer at the end of the turn, after ``before_flush`` (the worker's
     batched acknowledgements) has added its frames. Order is kept, so a reply
     still reaches the broker before the ack of its request.
@@ -203,6 +206,16 @@ class CoalescingConnection(pika.SelectConnection):
                 return
         for chunk in _coalesce(out):
             self._adapter_emit_data(chunk)
+
+
+class CoalescingConnection(_FastWire, pika.SelectConnection):
+    """A :class:`pika.SelectConnection` (the worker's, and under the blocking client's
+    :class:`pika.BlockingConnection`) that writes one I/O loop turn's frames with one ``sendmsg``
+    and decodes its hot frames with :mod:`fastfib.wire` (see :class:`_FastWire`)."""
+
+
+class AsyncioCoalescingConnection(_FastWire, AsyncioConnection):
+    """The same for :class:`pika.adapters.asyncio_connection.AsyncioConnection` (the asyncio client's)."""
 
 
 def _send_pieces(sock: socket.socket, pieces: list) -> list:
