@@ -26,6 +26,7 @@ import functools
 import logging
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,7 +38,16 @@ from pika import spec
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.select_connection import IOLoop
 
-from .wire import FRAME_OVERHEAD, INCOMPLETE, BadDelivery, RequestEncoder, decode_delivery, encode_reply, frame_count
+from .wire import (
+    FRAME_OVERHEAD,
+    INCOMPLETE,
+    BadDelivery,
+    RequestEncoder,
+    decode_delivery,
+    encode_reply,
+    encode_request,
+    frame_count,
+)
 
 try:  # for the direct send of CoalescingConnection._flush (plain TCP only; TLS goes through pika)
     from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PlaintextTransport
@@ -582,6 +592,252 @@ def self_check() -> str | None:
 
 
 
+
+# ----------------------------------------------------------------------------- the clients' self-check
+
+_REPLY_TO = "amq.rabbitmq.reply-to"
+_BIG = 70000  # over _FAST_BODY_MAX: this reply goes through pika's own consumer path
+
+
+class _FakeBroker:
+    """Just enough of a broker, on a TCP port of 127.0.0.1, in a thread, for one client connection
+    to run the clients' fast wire through: handshake, channel, confirm mode, a reply consumer, two
+    requests in, then an ack, a nack, two replies (one small, one over 64 KiB), one reply that does
+    not decode, and the close. ``error`` says what went wrong on its side."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(5)
+        self.port = self.listener.getsockname()[1]
+        self.error: str | None = None
+        self.requests: list = []
+        self._buf = b""
+        self._thread = threading.Thread(target=self._run, name="fastfib-seam-check", daemon=True)
+        self._thread.start()
+
+    def _frames(self, sock: socket.socket, until: Callable[[Any], bool]) -> list:
+        frames: list = []
+        while True:
+            while True:
+                used, value = pika.frame.decode_frame(self._buf)
+                if not value:
+                    break
+                self._buf = self._buf[used:]
+                frames.append(value)
+                if until(value):
+                    return frames
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("the client closed the connection")
+            self._buf += chunk
+
+    def _method(self, sock: socket.socket, cls: type | tuple) -> Any:
+        frames = self._frames(sock, lambda f: isinstance(f, pika.frame.Method) and isinstance(f.method, cls))
+        return frames[-1].method
+
+    def _run(self) -> None:
+        sock = None
+        try:
+            sock, _ = self.listener.accept()
+            sock.settimeout(5)
+            header = b""
+            while len(header) < 8:
+                header += sock.recv(8 - len(header))
+            send = sock.sendall
+
+            def method(channel: int, value: Any) -> bytes:
+                return pika.frame.Method(channel, value).marshal()
+
+            send(method(0, spec.Connection.Start(
+                server_properties={"product": "check", "capabilities": {"publisher_confirms": True,
+                                                                          "basic.nack": True}},
+                mechanisms="PLAIN", locales="en_US")))
+            self._method(sock, spec.Connection.StartOk)
+            send(method(0, spec.Connection.Tune(channel_max=16, frame_max=131072, heartbeat=0)))
+            self._method(sock, spec.Connection.Open)
+            send(method(0, spec.Connection.OpenOk()))
+            self._method(sock, spec.Channel.Open)
+            send(method(1, spec.Channel.OpenOk()))
+            self._method(sock, spec.Confirm.Select)
+            send(method(1, spec.Confirm.SelectOk()))
+            consume = self._method(sock, spec.Basic.Consume)
+            ctag = consume.consumer_tag
+            send(method(1, spec.Basic.ConsumeOk(consumer_tag=ctag)))
+            frames = self._frames(sock, lambda f: isinstance(f, pika.frame.Body) and f.fragment == b"21")
+            self.requests = [f for f in frames if not isinstance(f, pika.frame.Heartbeat)]
+            out = [method(1, spec.Basic.Ack(delivery_tag=1)), method(1, spec.Basic.Nack(delivery_tag=2))]
+            for tag, corr, body in ((1, "c1", b"6765"), (2, "c2", b"x" * _BIG)):
+                out.append(_delivery(1, tag, ctag, spec.BasicProperties(content_type="text/plain",
+                                                                        correlation_id=corr), body, 131072))
+            out.append(method(1, spec.Basic.Deliver(consumer_tag=ctag, delivery_tag=3, exchange="",
+                                                    routing_key=_REPLY_TO)))
+            # A content header whose headers table holds an unknown field type ('Z'): it does not decode.
+            table = b"\x01kZ"
+            props = (struct.pack(">HI", 0x2000 | 0x0400, len(table)) + table + b"\x02c3")
+            payload = struct.pack(">HHQ", 60, 0, 1) + props
+            out.append(struct.pack(">BHI", 2, 1, len(payload)) + payload + b"\xce")
+            out.append(pika.frame.Body(1, b"!").marshal())
+            send(b"".join(out))
+            while True:  # the client may cancel its consumer and close its channel, then the connection
+                closing = self._method(sock, (spec.Basic.Cancel, spec.Channel.Close, spec.Connection.Close))
+                if isinstance(closing, spec.Connection.Close):
+                    send(method(0, spec.Connection.CloseOk()))
+                    break
+                if isinstance(closing, spec.Basic.Cancel):
+                    send(method(1, spec.Basic.CancelOk(consumer_tag=closing.consumer_tag)))
+                else:
+                    send(method(1, spec.Channel.CloseOk()))
+        except Exception as exc:  # noqa: BLE001 - reported by the check
+            self.error = f"fake broker: {type(exc).__name__}: {exc}"
+        finally:
+            if sock is not None:
+                sock.close()
+            self.listener.close()
+
+    def join(self) -> None:
+        self._thread.join(10)
+
+
+class _Collected:
+    """What the client side of the check saw."""
+
+    def __init__(self) -> None:
+        self.acks: list = []
+        self.nacks: list = []
+        self.replies: list = []
+        self.bad: list = []
+
+    def on_reply(self, props: Any, body: bytes) -> None:
+        self.replies.append((props.correlation_id, props.content_type, body))
+
+    def done(self) -> bool:
+        return len(self.replies) == 2 and bool(self.bad and self.acks and self.nacks)
+
+    def verify(self, broker: _FakeBroker) -> None:
+        if broker.error:
+            raise AssertionError(broker.error)
+        expected = b"".join(b"".join(encode_request(1, "q", body, 131072, reply_to=_REPLY_TO, correlation_id=corr,
+                                                    expiration="5000", mandatory=True,
+                                                    headers={"accept": "text/plain", "x-deadline-ms": 2**40}))
+                            for corr, body in (("c1", b"20"), ("c2", b"21")))
+        got = b"".join(f.marshal() for f in broker.requests)
+        assert got == expected, "the requests written are not pika's bytes"
+        assert self.acks == [(1, False)] and self.nacks == [(2, False)], f"confirms: {self.acks} {self.nacks}"
+        assert sorted(self.replies) == [("c1", "text/plain", b"6765"), ("c2", "text/plain", b"x" * _BIG)], \
+            f"replies: {[(c, t, len(b)) for c, t, b in self.replies]}"
+        assert [b.correlation_id for b in self.bad] == ["c3"], f"undecodable reply: {self.bad}"
+
+
+def _check_blocking() -> None:
+    broker = _FakeBroker()
+    seen = _Collected()
+    params = pika.ConnectionParameters("127.0.0.1", broker.port, heartbeat=0, connection_attempts=1,
+                                       socket_timeout=5, stack_timeout=5)
+    conn = ClientWire.connect(params)
+    try:
+        assert type(conn._impl) is CoalescingConnection, "pika did not use the implementation class given"
+        wire = ClientWire(conn, conn.channel())
+        wire.confirm_select(lambda t, m: seen.acks.append((t, m)), lambda t, m: seen.nacks.append((t, m)), 5.0)
+        wire.consume(_REPLY_TO, seen.on_reply, seen.bad.append)
+        wire.prepare("q", _REPLY_TO, "text/plain")
+        wire.publish("c1", "5000", 2**40, b"20")
+        wire.publish("c2", "5000", 2**40, b"21")
+        deadline = time.monotonic() + 5
+        while not seen.done() and time.monotonic() < deadline:
+            wire.wait(deadline - time.monotonic(), seen.done)
+    finally:
+        _close_quietly(conn)
+    broker.join()
+    seen.verify(broker)
+
+
+def _check_asyncio() -> None:
+    import asyncio
+
+    async def run(broker: _FakeBroker, seen: _Collected) -> None:
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future = loop.create_future()
+        closed: asyncio.Future = loop.create_future()
+
+        def fail(_conn: Any, exc: Any) -> None:
+            if not opened.done():
+                opened.set_exception(exc if isinstance(exc, BaseException) else RuntimeError(str(exc)))
+
+        conn = AsyncioCoalescingConnection(
+            pika.ConnectionParameters("127.0.0.1", broker.port, heartbeat=0, connection_attempts=1,
+                                      socket_timeout=5, stack_timeout=5),
+            on_open_callback=opened.set_result, on_open_error_callback=fail,
+            on_close_callback=lambda c, e: closed.done() or closed.set_result(e), custom_ioloop=loop)
+        await asyncio.wait_for(opened, 5)
+        try:
+            step: asyncio.Future = loop.create_future()
+            conn.channel(on_open_callback=step.set_result)
+            channel = await asyncio.wait_for(step, 5)
+            step = loop.create_future()
+
+            def on_confirm(frame: Any) -> None:
+                m = frame.method
+                (seen.nacks if isinstance(m, spec.Basic.Nack) else seen.acks).append((m.delivery_tag, m.multiple))
+
+            channel.confirm_delivery(on_confirm, callback=step.set_result)
+            await asyncio.wait_for(step, 5)
+            conn.set_fast_acks(channel.channel_number, lambda t, m: seen.acks.append((t, m)))
+            step = loop.create_future()
+            ctag = channel.basic_consume(_REPLY_TO, lambda _c, _m, p, b: seen.on_reply(p, b), auto_ack=True,
+                                         callback=step.set_result)
+            await asyncio.wait_for(step, 5)
+            conn.set_fast_deliveries(channel.channel_number, ctag,
+                                     lambda d: seen.bad.append(d) if type(d) is BadDelivery
+                                     else seen.on_reply(d.properties, d.body))
+            encoder = RequestEncoder(channel.channel_number, conn.body_max_length() + FRAME_OVERHEAD, "q", _REPLY_TO,
+                                     "text/plain", mandatory=True)
+            for corr, body in (("c1", b"20"), ("c2", b"21")):
+                pieces = encoder.frames(corr, "5000", 2**40, body)
+                conn.write_frames(pieces, frame_count(pieces))
+            deadline = loop.time() + 5
+            while not seen.done() and loop.time() < deadline:
+                await asyncio.sleep(0.002)
+            step = loop.create_future()
+            channel.basic_cancel(ctag, callback=step.set_result)  # else pika logs the late CancelOk of its close
+            await asyncio.wait_for(step, 5)
+        finally:
+            if not (conn.is_closed or conn.is_closing):
+                conn.close()
+            try:
+                await asyncio.wait_for(closed, 5)
+            except asyncio.TimeoutError:
+                pass  # the check's verdict is the assertions'; a slow close is not one
+
+    broker = _FakeBroker()
+    seen = _Collected()
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(run(broker, seen))
+    finally:
+        loop.close()
+    broker.join()
+    seen.verify(broker)
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        if conn.is_open:
+            conn.close()
+    except Exception:  # noqa: BLE001 - the check's verdict comes from its assertions
+        pass
+
+
 def client_self_check() -> str | None:
-    """None when :class:`ClientWire` works with the installed pika; else what went wrong."""
-    return self_check()
+    """None when the clients' fast wire (:class:`ClientWire` on a BlockingConnection, and
+    :class:`AsyncioCoalescingConnection`) works with the installed pika; else what went wrong.
+
+    Each runs against a fake broker on a loopback TCP port (:class:`_FakeBroker`): the requests
+    written must be pika's bytes, and the confirms and replies (fast, over 64 KiB through pika,
+    undecodable) must reach their handlers.
+    """
+    for name, check in (("blocking", _check_blocking), ("asyncio", _check_asyncio)):
+        try:
+            check()
+        except Exception as exc:  # noqa: BLE001 - any failure means: use pika's public API
+            return f"{name}: {type(exc).__name__}: {exc}"
+    return None
