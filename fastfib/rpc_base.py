@@ -27,13 +27,11 @@ import pika.exceptions
 from pika.spec import BasicProperties
 
 from .errors import ConnectionLost, Unroutable
-from .protocol import CONTENT_BINARY, CONTENT_DECIMAL, HEADER_ACCEPT, HEADER_DEADLINE, MAX_BODY_BYTES
+from .protocol import CONTENT_BINARY, CONTENT_DECIMAL, DEFAULT_TIMEOUT, HEADER_ACCEPT, HEADER_DEADLINE, MAX_BODY_BYTES
 from .urls import client_urls, describe_error, describe_failures, endpoint
 
 _log = logging.getLogger(__name__)
 
-#: The timeout of a client built without one, in seconds.
-DEFAULT_TIMEOUT = 30.0
 
 #: Seconds without a reply (requests pending, none waiting in the queue) after which a client
 #: takes its connection's replies as lost, reconnects and resends.
