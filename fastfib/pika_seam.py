@@ -1,15 +1,22 @@
-"""The one module that uses pika's private API: the worker's connection on the fast wire.
+"""The one module that uses pika's private API: the fast wire of the worker and of both clients.
 
 :class:`CoalescingConnection` is a :class:`pika.SelectConnection` that decodes
-the worker's own deliveries with :mod:`fastfib.wire` and writes each I/O loop
-turn's frames with one ``sendmsg``. Everything else is pika's.
+one consumer's deliveries (and one channel's ``basic.ack`` confirms) with
+:mod:`fastfib.wire` and writes each I/O loop turn's frames with one
+``sendmsg``. Everything else is pika's. The worker runs on it; so does the
+blocking client, as the implementation of a :class:`pika.BlockingConnection`
+driven by :class:`ClientWire`; :class:`AsyncioCoalescingConnection` is the
+same for the asyncio client.
 
 It relies on these private parts of pika 1.4.4 (pinned exactly in
 pyproject.toml): ``Connection._on_data_available`` (called with each chunk
 read from the socket), ``_frame_buffer`` (bytes not yet decoded),
 ``_process_frame`` (one decoded frame in), ``_output_marshaled_frames`` (every
 frame out), ``_body_max_length``, ``_adapter_emit_data`` and ``_transport``;
-the plain transport's ``_sock``, ``_state`` and ``_STATE_ACTIVE``; and, for
+the plain transport's ``_sock``, ``_state`` and ``_STATE_ACTIVE``; for
+:class:`ClientWire`, ``BlockingConnection``'s ``_impl_class`` argument,
+``_impl``, ``_closed_result``, ``_channels_pending_dispatch``,
+``_ready_events`` and ``_cleanup``, and ``BlockingChannel._impl``; and, for
 :func:`self_check`, ``BaseConnection._nbio`` and ``_StreamingProtocolShim``.
 
 :func:`self_check` runs a real connection of this class through a handshake,
@@ -17,7 +24,9 @@ a channel, a consumer, deliveries (whole and split), replies, acks and a
 heartbeat against an in-process fake broker on a socketpair (:class:`Loopback`).
 If the installed pika no longer behaves as this module expects, it returns
 what went wrong, and the worker logs one warning and runs on pika's public
-API (``--wire pika``) instead.
+API (``--wire pika``) instead. :func:`client_self_check` does the same for the
+clients' fast wire, against a fake broker on a loopback TCP port; when it
+fails, the clients use pika's public API.
 """
 
 from __future__ import annotations
