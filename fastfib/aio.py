@@ -423,7 +423,7 @@ class AsyncFibonacciRpcClient(ClientSettings):
             else:
                 fail(conn, exc)
 
-        fast = fast_wire_works()
+        fast = await loop.run_in_executor(None, fast_wire_works)  # once per process; keeps the loop free
         conn = (pika_seam.AsyncioCoalescingConnection if fast else AsyncioConnection)(
             params,
             on_open_callback=lambda c: opened.done() or opened.set_result(c),

@@ -441,7 +441,7 @@ class FibonacciRpcClient(ClientSettings):
             return self.stall_timeout
         return max(0.0, min(self.stall_timeout, min(when for when, _ in self._nacked) - monotonic()))
 
-    # --- callbacks (run inside process_data_events, on the calling thread) -----------
+    # --- callbacks (run while the connection is served, on the calling thread) -------
 
     def _on_reply(self, props: Any, body: bytes) -> None:
         """A reply (``props``: fastfib.wire's Properties, or pika's for what pika decoded)."""

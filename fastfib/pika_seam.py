@@ -817,13 +817,25 @@ def _check_asyncio() -> None:
             except asyncio.TimeoutError:
                 pass  # the check's verdict is the assertions'; a slow close is not one
 
+    def in_thread() -> None:  # a loop of its own, in a thread of its own: the caller may be running one
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(run(broker, seen))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            failure.append(exc)
+        finally:
+            loop.close()
+
     broker = _FakeBroker()
     seen = _Collected()
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(run(broker, seen))
-    finally:
-        loop.close()
+    failure: list = []
+    thread = threading.Thread(target=in_thread, name="fastfib-seam-check-asyncio", daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():
+        raise AssertionError("the asyncio check did not finish")
+    if failure:
+        raise failure[0]
     broker.join()
     seen.verify(broker)
 

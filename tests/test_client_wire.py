@@ -55,6 +55,25 @@ def test_the_client_self_check_notices_a_pika_that_changed(monkeypatch, break_pi
     assert problem is not None and problem.strip()
 
 
+@pytest.mark.timeout(120)
+def test_both_clients_run_on_the_fast_wire(broker_url, queue):
+    """The check passes wherever a client first connects: in a thread, or inside a running event loop."""
+    rpc_base.fast_wire_works.cache_clear()
+
+    async def main():
+        async with AsyncFibonacciRpcClient(broker_url, queue, timeout=30) as client:
+            assert type(client._conn) is pika_seam.AsyncioCoalescingConnection and client._encoder is not None
+            assert await client.call_many(range(300)) == [fib(n) for n in range(300)]
+
+    with FixtureServer(queue, conformant_handler(), prefetch=100):
+        asyncio.run(asyncio.wait_for(main(), 100))
+        assert rpc_base.fast_wire_works()
+        with FibonacciRpcClient(broker_url, queue, timeout=30) as client:
+            assert type(client._conn._impl) is pika_seam.CoalescingConnection
+            assert type(client._link) is pika_seam.ClientWire
+            assert client.call_many(range(300)) == [fib(n) for n in range(300)]
+
+
 @pytest.fixture
 def public_api_only(monkeypatch, caplog):
     """The clients as they run when the seam's check fails."""
