@@ -121,3 +121,44 @@ def test_a_failed_check_means_one_warning_and_the_public_api_asyncio(broker_url,
     with FixtureServer(queue, conformant_handler(), prefetch=100):
         asyncio.run(asyncio.wait_for(main(), 100))
     _one_warning(public_api_only)
+
+
+def test_fast_acks_at_every_split_and_nacks_through_pika():
+    """basic.ack on the confirm channel is decoded by the connection, whole or split over reads;
+    basic.nack, and acks on another channel, still reach pika's callbacks."""
+    from pika import frame, spec
+
+    loop = pika_seam.Loopback()
+    try:
+        loop.handshake()
+        conn = loop.connection
+        conn.server_capabilities.update(publisher_confirms=True, **{"basic.nack": True})  # as a broker says
+        opened: list = []
+        conn.channel(channel_number=1, on_open_callback=opened.append)
+        loop.send_method(1, spec.Channel.OpenOk())
+        loop.spin(lambda: opened)
+        channel = opened[0]
+        via_pika: list = []
+        selected: list = []
+        channel.confirm_delivery(lambda f: via_pika.append((type(f.method).__name__, f.method.delivery_tag)),
+                                 callback=selected.append)
+        loop.send_method(1, spec.Confirm.SelectOk())
+        loop.spin(lambda: selected)
+        fast: list = []
+        conn.set_fast_acks(1, lambda tag, multiple: fast.append((tag, multiple)))
+        data = b"".join(frame.Method(1, spec.Basic.Ack(delivery_tag=tag, multiple=tag % 2 == 0)).marshal()
+                        for tag in range(1, 6))
+        for split in range(1, len(data)):
+            before = len(fast)
+            start = conn.bytes_received + len(conn._frame_buffer)
+            loop.send(data[:split])
+            loop.spin(lambda: conn.bytes_received + len(conn._frame_buffer) == start + split)  # noqa: B023
+            loop.send(data[split:])
+            loop.spin(lambda: len(fast) == before + 5)  # noqa: B023 - used right here
+            assert fast[before:] == [(tag, tag % 2 == 0) for tag in range(1, 6)]
+            assert not conn._frame_buffer
+        loop.send(frame.Method(1, spec.Basic.Nack(delivery_tag=7)).marshal())
+        loop.spin(lambda: via_pika)
+        assert via_pika == [("Nack", 7)] and len(fast) == 5 * (len(data) - 1)
+    finally:
+        loop.close()
