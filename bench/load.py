@@ -34,7 +34,8 @@ interleaved: in seq mode ``client.call(n)`` and one bare request alternate call
 by call, in pipe mode ``client.call_many(batch)`` and one bare pipelined batch
 alternate batch by batch, each pair in turn in the other order. The bare side
 then sends what the client sends (a uuid4 correlation id, ``expiration``,
-``x-deadline-ms``, ``mandatory``) on its own connection. The result carries
+``x-deadline-ms``, ``mandatory``, publisher confirms received asynchronously)
+on its own connection. The result carries
 the bare side as ``"baseline"``. Measured in the same seconds, the ratio of
 the two does not move with the machine's load the way two cells a minute apart
 do.
@@ -265,12 +266,17 @@ class LoadClient:
         self.returned: str | None = None  # a mandatory request the broker returned
         self.server_properties: dict = {}
 
-    def connect(self) -> None:
+    def connect(self, confirms: bool = False) -> None:
         if self.connection is not None and self.connection.is_open:
             return
         params = pika.URLParameters(self.url)
         self.connection = pika.BlockingConnection(params)
         self.channel = self.connection.channel()
+        if confirms:  # like the client: pipelined, acks taken as they come (the blocking API waits for each)
+            selected: list = []
+            self.channel._impl.confirm_delivery(ack_nack_callback=lambda frame: None, callback=selected.append)
+            while not selected:
+                self.connection.process_data_events(0.05)
         self.channel.basic_consume(DIRECT_REPLY_TO, self._dispatch, auto_ack=True)
         self.channel.add_on_return_callback(self._on_return)
         try:
@@ -295,9 +301,15 @@ class LoadClient:
             from .aio_load import run_aio_cell
 
             return run_aio_cell(self.url, cell, workload.ns[0])
-        self.connect()
         if cell.get("api", "pika") == "client":
-            return self._run_paired(cell, workload)
+            self.close()  # a channel of its own in confirm mode, closed after the cell
+            self.connect(confirms=True)
+            try:
+                return self._run_paired(cell, workload)
+            finally:
+                self.close()
+                self.connection = None
+        self.connect()
         if cell["mode"] == "seq":
             stats = self._run_seq(cell, workload)
         else:

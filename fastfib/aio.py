@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,6 +24,7 @@ import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.spec import BasicProperties
 
+from . import pika_seam
 from .errors import ConnectionLost, ProtocolError, RemoteError, RpcError, RpcTimeout, Unroutable
 from .protocol import DEFAULT_QUEUE, DIRECT_REPLY_TO, decode_reply
 from .rpc_base import (
@@ -38,19 +38,22 @@ from .rpc_base import (
     REPLY_EXCLUSIVE,
     ClientSettings,
     Confirms,
+    CorrelationIds,
     NoConfirms,
-    PropertiesTemplate,
     StalledConnection,
     check_n,
     check_timeout,
     check_window,
     connect_error,
     consumer_note,
+    fast_wire_works,
     lost_message,
     nack_delay,
+    request_properties,
     timeout_message,
     unroutable,
 )
+from .wire import FRAME_OVERHEAD, Delivery, RequestEncoder, frame_count
 
 __all__ = ["AsyncFibonacciRpcClient"]
 
@@ -111,6 +114,8 @@ class AsyncFibonacciRpcClient(ClientSettings):
         self._conn: AsyncioConnection | None = None
         self._channel: Any = None  # set only while open and consuming replies
         self._reply_to = DIRECT_REPLY_TO
+        self._encoder: RequestEncoder | None = None  # the fast wire's (None: pika's basic_publish)
+        self._new_corr = CorrelationIds()
         self._generation = 0
         self._confirms: Confirms | NoConfirms = NoConfirms()
         self._pending: dict[str, _Request] = {}
@@ -231,7 +236,7 @@ class AsyncFibonacciRpcClient(ClientSettings):
     async def _call(self, body: bytes, deadline: float, deadline_ms: int, t: float, loop: Any) -> int:
         if self._closed:
             raise RpcError("the client is closed")
-        corr = uuid.uuid4().hex
+        corr = self._new_corr()
         future = loop.create_future()
         req = _Request(body, future, deadline, deadline_ms)
         if not self._pending:
@@ -253,16 +258,30 @@ class AsyncFibonacciRpcClient(ClientSettings):
             self._pending.pop(corr, None)
 
     def _publish(self, corr: str, req: _Request, remaining: float) -> None:
+        expiration = str(max(1, int(remaining * 1000)))
         try:
-            self._confirms.published(corr)
-            self._channel.basic_publish(
-                "", self.queue, req.body, self._props(corr, str(max(1, int(remaining * 1000))), req.deadline_ms), True
-            )
+            encoder, channel = self._encoder, self._channel
+            if encoder is not None:
+                # The fast wire: pre-encoded frames, written with the loop turn's other requests.
+                if not channel.is_open:
+                    raise pika.exceptions.ChannelWrongStateError("the channel is closed")
+                pieces = encoder.frames(corr, expiration, req.deadline_ms, req.body)
+                self._confirms.published(corr)
+                self._conn.write_frames(pieces, frame_count(pieces))
+            else:
+                props = request_properties(self._reply_to, self._accept, corr, expiration, req.deadline_ms)
+                self._confirms.published(corr)
+                channel.basic_publish("", self.queue, req.body, props, True)
         except LINK_ERRORS as exc:  # the connection is going away; on_close will reconnect
             self._last_error = exc
             self._ensure_reconnecting()
             return
         req.generation = self._generation
+
+    def _on_ack(self, confirms: Confirms, tag: int, multiple: bool) -> None:
+        """``Basic.Ack`` of our requests, decoded by the fast wire."""
+        if confirms is self._confirms:  # else a late confirm of a connection given up on
+            confirms.settle(tag, multiple)
 
     def _on_confirm(self, confirms: Confirms, frame: Any) -> None:
         """``Basic.Ack``/``Basic.Nack`` of our requests: a nacked request is sent again at once."""
@@ -293,7 +312,20 @@ class AsyncFibonacciRpcClient(ClientSettings):
         if req is not None and not req.future.done():
             req.future.set_exception(_TimedOut())
 
-    def _on_reply(self, channel: Any, method: Any, props: BasicProperties, body: bytes) -> None:
+    def _on_fast_reply(self, delivery: Any) -> None:
+        """A reply decoded by the fast wire (a :class:`fastfib.wire.Delivery` or ``BadDelivery``)."""
+        if type(delivery) is Delivery:
+            self._on_reply(None, None, delivery.properties, delivery.body)
+            return
+        self._last_progress = self._loop.time()
+        req = self._pending.pop(delivery.correlation_id, None) if delivery.correlation_id is not None else None
+        if req is None or req.future.done():
+            _log.warning("dropping a reply that cannot be decoded: %r", delivery.error)
+            return
+        req.future.set_exception(ProtocolError(f"cannot decode the reply: {delivery.error!r}"))
+
+    def _on_reply(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        """A reply; ``props`` are pika's, or fastfib.wire's Properties from the fast wire."""
         self._last_progress = self._loop.time()
         req = self._pending.pop(props.correlation_id, None)
         if req is None or req.future.done():
@@ -391,7 +423,8 @@ class AsyncFibonacciRpcClient(ClientSettings):
             else:
                 fail(conn, exc)
 
-        conn = AsyncioConnection(
+        fast = await loop.run_in_executor(None, fast_wire_works)  # once per process; keeps the loop free
+        conn = (pika_seam.AsyncioCoalescingConnection if fast else AsyncioConnection)(
             params,
             on_open_callback=lambda c: opened.done() or opened.set_result(c),
             on_open_error_callback=fail,
@@ -420,6 +453,8 @@ class AsyncFibonacciRpcClient(ClientSettings):
                 f = loop.create_future()
                 channel.confirm_delivery(lambda frame: self._on_confirm(confirms, frame), callback=f.set_result)
                 await step(f)
+                if fast:  # basic.ack decoded by the connection; basic.nack still by pika
+                    conn.set_fast_acks(channel.channel_number, lambda tag, multiple: self._on_ack(confirms, tag, multiple))
             if self.reply_queue == REPLY_EXCLUSIVE:
                 f = loop.create_future()
                 channel.queue_declare("", exclusive=True, auto_delete=True, callback=f.set_result)
@@ -428,8 +463,13 @@ class AsyncFibonacciRpcClient(ClientSettings):
                 reply_to = DIRECT_REPLY_TO
             f = loop.create_future()
             # Direct Reply-to requires consuming, with auto-ack, before publishing.
-            channel.basic_consume(reply_to, self._on_reply, auto_ack=True, callback=f.set_result)
+            ctag = channel.basic_consume(reply_to, self._on_reply, auto_ack=True, callback=f.set_result)
             await step(f)
+            encoder = None
+            if fast:  # replies decoded by the connection (pika's callback gets only those over 64 KiB)
+                conn.set_fast_deliveries(channel.channel_number, ctag, self._on_fast_reply)
+                encoder = RequestEncoder(channel.channel_number, conn.body_max_length() + FRAME_OVERHEAD, self.queue,
+                                         reply_to, self._accept, mandatory=True)
         except BaseException:
             if not (conn.is_closed or conn.is_closing):
                 conn.close()
@@ -444,7 +484,7 @@ class AsyncFibonacciRpcClient(ClientSettings):
         self._confirms = confirms
         self._last_progress = loop.time()
         self._stall_task = loop.create_task(self._watch_stall(self._generation))
-        self._props = PropertiesTemplate(self._accept, reply_to)
+        self._encoder = encoder
 
     def _ensure_reconnecting(self) -> None:
         if self._closed:

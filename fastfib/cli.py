@@ -114,8 +114,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _add_call_arguments(call: argparse.ArgumentParser) -> None:
-    from .client import DEFAULT_TIMEOUT
-    from .protocol import DEFAULT_QUEUE, DEFAULT_URL
+    from .protocol import DEFAULT_QUEUE, DEFAULT_TIMEOUT, DEFAULT_URL
 
     call.add_argument("n", nargs="+", type=_call_n, metavar="N", help="non-negative integers")
     call.add_argument(

@@ -2,7 +2,7 @@
 
 One client holds one broker connection and one channel at a time. A request is
 published to the default exchange with routing key = the service queue,
-``mandatory`` set, a fresh ``correlation_id`` (uuid4 hex), ``expiration`` and
+``mandatory`` set, a fresh ``correlation_id`` (32 hex digits), ``expiration`` and
 ``x-deadline-ms`` derived from the timeout, and ``accept`` naming the reply
 encoding; the reply comes back on Direct Reply-to (or on an exclusive
 server-named queue) and is decoded by its own ``content_type`` and ``x-error``
@@ -18,8 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from time import monotonic
 from typing import Any
 
@@ -27,6 +26,7 @@ import pika
 import pika.exceptions
 from pika.spec import BasicProperties
 
+from . import pika_seam
 from .errors import ConnectionLost, ProtocolError, RemoteError, RpcError, RpcTimeout
 from .protocol import DEFAULT_QUEUE, DIRECT_REPLY_TO, decode_reply
 from .rpc_base import (
@@ -41,16 +41,18 @@ from .rpc_base import (
     REPLY_EXCLUSIVE,
     ClientSettings,
     Confirms,
+    CorrelationIds,
     NoConfirms,
-    PropertiesTemplate,
     StalledConnection,
     check_n,
     check_timeout,
     check_window,
     connect_error,
     consumer_note,
+    fast_wire_works,
     lost_message,
     nack_delay,
+    request_properties,
     timeout_message,
     unroutable,
 )
@@ -61,6 +63,47 @@ _log = logging.getLogger(__name__)
 
 #: How long opening confirm mode may take before the connection counts as broken, in seconds.
 _CONFIRM_SELECT_TIMEOUT = 10.0
+
+
+class _PublicWire:
+    """What :class:`fastfib.pika_seam.ClientWire` does, with pika's public API only: the fallback
+    when the seam's self-check fails. Publisher confirms are then synchronous (pika's
+    ``confirm_delivery()``): one round trip per request."""
+
+    def __init__(self, conn: pika.BlockingConnection, channel: Any,
+                 on_return: Callable[..., None], on_nacked: Callable[[str], None]) -> None:
+        self._conn, self._channel = conn, channel
+        self._on_return, self._on_nacked = on_return, on_nacked
+        self._queue = self._reply_to = self._accept = ""
+
+    def confirm_select(self, on_ack: Any, on_nack: Any, timeout: float) -> None:
+        self._channel.confirm_delivery()
+
+    def consume(self, queue: str, on_reply: Callable[[Any, bytes], None], on_bad: Any) -> None:
+        self._channel.basic_consume(queue, lambda _ch, _m, props, body: on_reply(props, body), auto_ack=True)
+
+    def prepare(self, queue: str, reply_to: str, accept: str) -> None:
+        self._queue, self._reply_to, self._accept = queue, reply_to, accept
+
+    def publish(self, correlation_id: str, expiration: str, deadline_ms: int, body: bytes) -> None:
+        props = request_properties(self._reply_to, self._accept, correlation_id, expiration, deadline_ms)
+        try:
+            self._channel.basic_publish("", self._queue, body, props, True)
+        except pika.exceptions.UnroutableError as exc:  # confirm mode: returns are raised, not called back
+            for message in exc.messages:
+                self._on_return(self._channel, message.method, message.properties, message.body)
+        except pika.exceptions.NackError:
+            self._on_nacked(correlation_id)
+
+    def flush(self) -> None:
+        pass
+
+    def wait(self, timeout: float, done: Callable[[], Any]) -> None:
+        deadline = monotonic() + timeout
+        while True:
+            self._conn.process_data_events(max(0.0, deadline - monotonic()))
+            if done() or monotonic() >= deadline:
+                return
 
 
 # --- the blocking client -------------------------------------------------------------------
@@ -137,6 +180,8 @@ class FibonacciRpcClient(ClientSettings):
         self._completed: list[_Slot] = []
         self._conn: pika.BlockingConnection | None = None
         self._channel: Any = None
+        self._link: Any = None  # pika_seam.ClientWire, or _PublicWire
+        self._new_corr = CorrelationIds()
         self._reply_to: str = DIRECT_REPLY_TO
         self._confirms: Confirms | NoConfirms = NoConfirms()
         self._nacked: list[tuple[float, str]] = []  # (when to resend, correlation id)
@@ -188,7 +233,7 @@ class FibonacciRpcClient(ClientSettings):
                 raise RpcError("the client is closed")
             now = monotonic()
             slot = _Slot(body, now + t, int((time.time() + t) * 1000))
-            corr = uuid.uuid4().hex
+            corr = self._new_corr()
             pending = self._pending
             if not pending:
                 self._last_progress = now
@@ -207,7 +252,7 @@ class FibonacciRpcClient(ClientSettings):
                         pending.pop(corr, None)
                         raise RpcTimeout(timeout_message(self.queue, t, 1, 1, self._queue_note()))
                     try:
-                        self._conn.process_data_events(min(remaining, self._wait_limit()))
+                        self._link.wait(min(remaining, self._wait_limit()), lambda: slot.done)
                         if self._nacked:
                             self._resend_nacked()
                         if monotonic() - self._last_progress > self.stall_timeout and not slot.done:
@@ -269,15 +314,17 @@ class FibonacciRpcClient(ClientSettings):
                     if sent < total and sent - done < window:
                         expiration = str(max(1, int((deadline - monotonic()) * 1000)))
                         try:
-                            channel, confirms, props = self._channel, self._confirms, self._props
+                            link, confirms = self._link, self._confirms
+                            new_corr = self._new_corr
                             while sent < total and sent - done < window:
                                 body = b"%d" % ns[sent]
-                                corr = uuid.uuid4().hex
+                                corr = new_corr()
                                 pending[corr] = _Slot(body, deadline, deadline_ms, sent)
                                 mine.append(corr)
                                 sent += 1
                                 confirms.published(corr)
-                                channel.basic_publish("", queue, body, props(corr, expiration, deadline_ms), True)
+                                link.publish(corr, expiration, deadline_ms, body)
+                            link.flush()
                         except LINK_ERRORS as exc:
                             self._recover(deadline, exc)
                     if not completed:
@@ -286,7 +333,7 @@ class FibonacciRpcClient(ClientSettings):
                             note = self._queue_note()
                             raise RpcTimeout(timeout_message(queue, t, total - done, total, note))
                         try:
-                            self._conn.process_data_events(min(remaining, self._wait_limit()))
+                            self._link.wait(min(remaining, self._wait_limit()), completed.__len__)
                             if self._nacked:
                                 self._resend_nacked()
                             if not completed and monotonic() - self._last_progress > self.stall_timeout:
@@ -330,24 +377,30 @@ class FibonacciRpcClient(ClientSettings):
     # --- publishing and its confirms --------------------------------------------------
 
     def _publish(self, corr: str, slot: _Slot, expiration: str) -> None:
+        """Publish one request and write it out now."""
         self._confirms.published(corr)
-        self._channel.basic_publish("", self.queue, slot.body, self._props(corr, expiration, slot.deadline_ms), True)
+        self._link.publish(corr, expiration, slot.deadline_ms, slot.body)
+        self._link.flush()
 
-    def _on_confirm(self, confirms: Confirms, frame: Any) -> None:
-        """``Basic.Ack``/``Basic.Nack`` of our requests (runs inside pika's frame processing)."""
-        if confirms is not self._confirms:
-            return  # a late confirm of a connection given up on
-        method = frame.method
-        corrs = confirms.settle(method.delivery_tag, method.multiple)
-        if isinstance(method, pika.spec.Basic.Nack):
-            # The broker did not take these: send them again once pika hands control back.
-            now = monotonic()
-            for corr in corrs:
-                slot = self._pending.get(corr)
-                if slot is not None and not slot.done:
-                    self.counters.nacked += 1
-                    slot.nacks += 1
-                    self._nacked.append((now + nack_delay(slot.nacks), corr))
+    def _on_ack(self, confirms: Confirms, tag: int, multiple: bool) -> None:
+        """``Basic.Ack`` of our requests (runs inside the connection's frame processing)."""
+        if confirms is self._confirms:  # else a late confirm of a connection given up on
+            confirms.settle(tag, multiple)
+
+    def _on_nack(self, confirms: Confirms, tag: int, multiple: bool) -> None:
+        """``Basic.Nack``: the broker did not take these requests; they are sent again once the
+        connection hands control back."""
+        if confirms is self._confirms:
+            self._nacked_corrs(confirms.settle(tag, multiple))
+
+    def _nacked_corrs(self, corrs: Iterable[str]) -> None:
+        now = monotonic()
+        for corr in corrs:
+            slot = self._pending.get(corr)
+            if slot is not None and not slot.done:
+                self.counters.nacked += 1
+                slot.nacks += 1
+                self._nacked.append((now + nack_delay(slot.nacks), corr))
 
     def _check_stall(self) -> None:
         """Nothing came back for ``stall_timeout`` seconds: give up this connection if the requests are lost.
@@ -388,9 +441,10 @@ class FibonacciRpcClient(ClientSettings):
             return self.stall_timeout
         return max(0.0, min(self.stall_timeout, min(when for when, _ in self._nacked) - monotonic()))
 
-    # --- callbacks (run inside process_data_events, on the calling thread) -----------
+    # --- callbacks (run while the connection is served, on the calling thread) -------
 
-    def _on_reply(self, channel: Any, method: Any, props: BasicProperties, body: bytes) -> None:
+    def _on_reply(self, props: Any, body: bytes) -> None:
+        """A reply (``props``: fastfib.wire's Properties, or pika's for what pika decoded)."""
         self._last_progress = monotonic()
         slot = self._pending.pop(props.correlation_id, None)
         if slot is None:
@@ -403,6 +457,17 @@ class FibonacciRpcClient(ClientSettings):
             slot.error = exc
         except Exception as exc:  # a reply no decoder expected: never let it escape into pika
             slot.error = ProtocolError(f"cannot decode the reply: {exc!r}")
+        slot.done = True
+        self._completed.append(slot)
+
+    def _on_bad_reply(self, bad: Any) -> None:
+        """A reply whose properties do not decode (a :class:`fastfib.wire.BadDelivery`)."""
+        self._last_progress = monotonic()
+        slot = self._pending.pop(bad.correlation_id, None) if bad.correlation_id is not None else None
+        if slot is None:
+            _log.warning("dropping a reply that cannot be decoded: %r", bad.error)
+            return
+        slot.error = ProtocolError(f"cannot decode the reply: {bad.error!r}")
         slot.done = True
         self._completed.append(slot)
 
@@ -449,31 +514,39 @@ class FibonacciRpcClient(ClientSettings):
         raise connect_error(failures, refused) from failures[-1][1]
 
     def _connect(self, params: pika.URLParameters) -> None:
-        conn = pika.BlockingConnection(params)
+        fast = fast_wire_works()
+        conn = pika_seam.ClientWire.connect(params) if fast else pika.BlockingConnection(params)
         try:
             channel = conn.channel()
             channel.add_on_return_callback(self._on_return)
+            if fast:
+                link: Any = pika_seam.ClientWire(conn, channel)
+            else:
+                link = _PublicWire(conn, channel, self._on_return, lambda corr: self._nacked_corrs([corr]))
             confirms: Confirms | NoConfirms = NoConfirms()
             if self.confirms:
-                confirms = Confirms()
-                _confirm_select(conn, channel, lambda frame: self._on_confirm(confirms, frame))
+                if fast:  # settled asynchronously; the public API's confirms need no bookkeeping
+                    confirms = Confirms()
+                bound = confirms
+                link.confirm_select(lambda tag, multiple: self._on_ack(bound, tag, multiple),
+                                    lambda tag, multiple: self._on_nack(bound, tag, multiple), _CONFIRM_SELECT_TIMEOUT)
             if self.reply_queue == REPLY_EXCLUSIVE:
                 reply_to = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
             else:
                 reply_to = DIRECT_REPLY_TO
             # Direct Reply-to requires consuming, with auto-ack, before publishing.
-            channel.basic_consume(reply_to, self._on_reply, auto_ack=True)
+            link.consume(reply_to, self._on_reply, self._on_bad_reply)
+            link.prepare(self.queue, reply_to, self._accept)
         except BaseException:
             _close_quietly(conn)
             raise
-        self._conn, self._channel, self._reply_to = conn, channel, reply_to
+        self._conn, self._channel, self._reply_to, self._link = conn, channel, reply_to, link
         self._confirms = confirms
         self._last_progress = monotonic()
         self._nacked.clear()  # whatever was nacked is resent with every pending request
-        self._props = PropertiesTemplate(self._accept, reply_to)
 
     def _drop_connection(self) -> None:
-        conn, self._conn, self._channel = self._conn, None, None
+        conn, self._conn, self._channel, self._link = self._conn, None, None, None
         if conn is not None:
             _close_quietly(conn)
 
@@ -570,24 +643,6 @@ class FibonacciRpcClient(ClientSettings):
             return "; the queue does not exist" if exc.reply_code == 404 else ""
         except LINK_ERRORS:
             return ""
-
-
-def _confirm_select(conn: pika.BlockingConnection, channel: Any, on_ack_nack: Any) -> None:
-    """Put ``channel`` in publisher-confirm mode with ``on_ack_nack`` called for each confirm.
-
-    ``BlockingChannel.confirm_delivery()`` would make every ``basic_publish``
-    wait for its own confirm: one round trip per request, the end of
-    pipelining. The asynchronous ``Channel.confirm_delivery`` under it takes a
-    callback instead; ``BlockingChannel`` exposes that channel only as ``_impl``
-    (pika's one private name in this client).
-    """
-    selected: list[Any] = []
-    channel._impl.confirm_delivery(ack_nack_callback=on_ack_nack, callback=selected.append)
-    give_up = monotonic() + _CONFIRM_SELECT_TIMEOUT
-    while not selected:
-        if monotonic() > give_up:
-            raise pika.exceptions.AMQPConnectionError("the broker did not answer Confirm.Select")
-        conn.process_data_events(0.05)
 
 
 def _close_quietly(conn: Any) -> None:

@@ -1,15 +1,22 @@
-"""The one module that uses pika's private API: the worker's connection on the fast wire.
+"""The one module that uses pika's private API: the fast wire of the worker and of both clients.
 
 :class:`CoalescingConnection` is a :class:`pika.SelectConnection` that decodes
-the worker's own deliveries with :mod:`fastfib.wire` and writes each I/O loop
-turn's frames with one ``sendmsg``. Everything else is pika's.
+one consumer's deliveries (and one channel's ``basic.ack`` confirms) with
+:mod:`fastfib.wire` and writes each I/O loop turn's frames with one
+``sendmsg``. Everything else is pika's. The worker runs on it; so does the
+blocking client, as the implementation of a :class:`pika.BlockingConnection`
+driven by :class:`ClientWire`; :class:`AsyncioCoalescingConnection` is the
+same for the asyncio client.
 
 It relies on these private parts of pika 1.4.4 (pinned exactly in
 pyproject.toml): ``Connection._on_data_available`` (called with each chunk
 read from the socket), ``_frame_buffer`` (bytes not yet decoded),
 ``_process_frame`` (one decoded frame in), ``_output_marshaled_frames`` (every
 frame out), ``_body_max_length``, ``_adapter_emit_data`` and ``_transport``;
-the plain transport's ``_sock``, ``_state`` and ``_STATE_ACTIVE``; and, for
+the plain transport's ``_sock``, ``_state`` and ``_STATE_ACTIVE``; for
+:class:`ClientWire`, ``BlockingConnection``'s ``_impl_class`` argument,
+``_impl``, ``_closed_result``, ``_channels_pending_dispatch``,
+``_ready_events`` and ``_cleanup``, and ``BlockingChannel._impl``; and, for
 :func:`self_check`, ``BaseConnection._nbio`` and ``_StreamingProtocolShim``.
 
 :func:`self_check` runs a real connection of this class through a handshake,
@@ -17,7 +24,9 @@ a channel, a consumer, deliveries (whole and split), replies, acks and a
 heartbeat against an in-process fake broker on a socketpair (:class:`Loopback`).
 If the installed pika no longer behaves as this module expects, it returns
 what went wrong, and the worker logs one warning and runs on pika's public
-API (``--wire pika``) instead.
+API (``--wire pika``) instead. :func:`client_self_check` does the same for the
+clients' fast wire, against a fake broker on a loopback TCP port; when it
+fails, the clients use pika's public API.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import functools
 import logging
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,9 +44,19 @@ import pika
 import pika.exceptions
 import pika.frame
 from pika import spec
+from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.select_connection import IOLoop
 
-from .wire import FRAME_OVERHEAD, INCOMPLETE, decode_delivery, encode_reply, frame_count
+from .wire import (
+    FRAME_OVERHEAD,
+    INCOMPLETE,
+    BadDelivery,
+    RequestEncoder,
+    decode_delivery,
+    encode_reply,
+    encode_request,
+    frame_count,
+)
 
 try:  # for the direct send of CoalescingConnection._flush (plain TCP only; TLS goes through pika)
     from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PlaintextTransport
@@ -46,7 +66,9 @@ except ImportError:  # pragma: no cover - another pika layout: pika's own writes
 log = logging.getLogger(__name__)
 
 _UNPACK_FRAME_HEADER = struct.Struct(">BHI").unpack_from
+_UNPACK_U64 = struct.Struct(">Q").unpack_from
 _BASIC_DELIVER = b"\x00\x3c\x00\x3c"  # class 60 (basic), method 60 (deliver)
+_BASIC_ACK = b"\x00\x3c\x00\x50"  # class 60 (basic), method 80 (ack)
 #: Deliveries with a larger body are left to pika (a valid request is at most 64 bytes): a large one
 #: arriving over many reads would be decoded again from its start at each read.
 _FAST_BODY_MAX = 65536
@@ -57,14 +79,16 @@ _IOV_MAX = 1024
 _JOIN_BELOW = 65536
 
 
-class CoalescingConnection(pika.SelectConnection):
-    """A SelectConnection that writes one I/O loop turn's frames with one ``sendmsg``.
+class _FastWire:
+    """What :class:`CoalescingConnection` and :class:`AsyncioCoalescingConnection` add to pika's
+    connection classes: one write per I/O loop turn, and a fast decoder for one consumer's
+    deliveries and one channel's publisher confirms.
 
     pika hands every frame to its transport separately, and the transport
     sends each queued chunk with a system call of its own: a reply is three
     frames (method, header, body), so three ``send`` calls, plus one per ack.
     Measured under load, those calls were the largest single cost of a worker.
-    This subclass collects what pika outputs during a loop turn and writes it
+    This class collects what pika outputs during a loop turn and writes it
     in a timer at the end of the turn, after ``before_flush`` (the worker's
     batched acknowledgements) has added its frames. Order is kept, so a reply
     still reaches the broker before the ack of its request.
@@ -75,6 +99,7 @@ class CoalescingConnection(pika.SelectConnection):
         self._flush_scheduled = False
         self._before_flush = before_flush
         self._fast: tuple[int, bytes, Callable] | None = None
+        self._fast_acks: tuple[int, Callable] | None = None
         super().__init__(*args, **kwargs)
 
     def set_fast_deliveries(self, channel_number: int, consumer_tag: str, handler: Callable) -> None:
@@ -88,23 +113,37 @@ class CoalescingConnection(pika.SelectConnection):
     def clear_fast_deliveries(self) -> None:
         self._fast = None
 
+    def set_fast_acks(self, channel_number: int, handler: Callable[[int, bool], None]) -> None:
+        """Decode the publisher confirms (``basic.ack``) on ``channel_number`` here and call
+        ``handler(delivery_tag, multiple)``; ``basic.nack`` and everything else still go to pika."""
+        self._fast_acks = (channel_number, handler)
+
     def _on_data_available(self, data_in: bytes) -> None:
-        if self._fast is None and not self._frame_buffer:
+        if self._fast is None and self._fast_acks is None and not self._frame_buffer:
             super()._on_data_available(data_in)
             return
         buf = self._frame_buffer + data_in if self._frame_buffer else data_in
         self._frame_buffer = b""
         pos, n = 0, len(buf)
         while n - pos >= 8:
-            fast = self._fast
-            if fast is None:  # switched off meanwhile (consumer cancelled): pika takes the rest
+            fast, acks = self._fast, self._fast_acks
+            if fast is None and acks is None:  # switched off meanwhile (consumer cancelled): pika takes the rest
                 super()._on_data_available(buf[pos:])
                 return
             ftype, channel_number, size = _UNPACK_FRAME_HEADER(buf, pos)
             end = pos + 7 + size
             if end >= n:
                 break
-            if ftype == 1 and channel_number == fast[0] and buf[pos + 7:pos + 11] == _BASIC_DELIVER:
+            if (acks is not None and ftype == 1 and size == 13 and channel_number == acks[0]
+                    and buf[pos + 7:pos + 11] == _BASIC_ACK and buf[end] == 0xCE):
+                (tag,) = _UNPACK_U64(buf, pos + 11)
+                self.bytes_received += 21
+                self.frames_received += 1
+                pos = end + 1
+                acks[1](tag, bool(buf[pos - 2] & 1))
+                continue
+            if (fast is not None and ftype == 1 and channel_number == fast[0]
+                    and buf[pos + 7:pos + 11] == _BASIC_DELIVER):
                 delivery = decode_delivery(buf, pos, channel_number, fast[1], max_body=_FAST_BODY_MAX)
                 if delivery is INCOMPLETE:
                     break
@@ -132,16 +171,17 @@ class CoalescingConnection(pika.SelectConnection):
         if not self._flush_scheduled:
             self.request_flush()
 
-    def write_frames(self, pieces: list, frames: int) -> None:
+    def write_frames(self, pieces: list, frames: int, *, schedule: bool = True) -> None:
         """Queue already-marshaled bytes (``pieces``, bytes or memoryviews, making up ``frames`` whole
-        frames); they are not copied before they are written."""
+        frames); they are not copied before they are written. With ``schedule=False`` they wait for
+        the caller's :meth:`flush` (or the next scheduled one)."""
         if self.is_closed:
             raise pika.exceptions.ConnectionWrongStateError("the connection is closed")
         for piece in pieces:
             self.bytes_sent += len(piece)
         self.frames_sent += frames
         self._out.extend(pieces)
-        if not self._flush_scheduled:
+        if schedule and not self._flush_scheduled:
             self.request_flush()
 
     def body_max_length(self) -> int:
@@ -164,6 +204,10 @@ class CoalescingConnection(pika.SelectConnection):
             log.exception("internal error before writing the output (acknowledgements); writing it anyway")
         finally:
             self._flush_scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what is buffered now (one ``sendmsg`` when the socket takes it all)."""
         out = self._out
         if not out:
             return
@@ -181,6 +225,16 @@ class CoalescingConnection(pika.SelectConnection):
                 return
         for chunk in _coalesce(out):
             self._adapter_emit_data(chunk)
+
+
+class CoalescingConnection(_FastWire, pika.SelectConnection):
+    """A :class:`pika.SelectConnection` (the worker's, and under the blocking client's
+    :class:`pika.BlockingConnection`) that writes one I/O loop turn's frames with one ``sendmsg``
+    and decodes its hot frames with :mod:`fastfib.wire` (see :class:`_FastWire`)."""
+
+
+class AsyncioCoalescingConnection(_FastWire, AsyncioConnection):
+    """The same for :class:`pika.adapters.asyncio_connection.AsyncioConnection` (the asyncio client's)."""
 
 
 def _send_pieces(sock: socket.socket, pieces: list) -> list:
@@ -222,6 +276,128 @@ def _coalesce(pieces: list):
             small.append(piece)
     if small:
         yield b"".join(small)
+
+
+# ----------------------------------------------------------------------------- the blocking client's wire
+
+
+def _never(*_args: Any) -> None:
+    """pika's consumer callback for replies the fast decoder takes (it never gets any)."""
+
+
+class ClientWire:
+    """The blocking client's fast wire: requests written pre-encoded, replies and confirms decoded here.
+
+    It drives a :class:`pika.BlockingConnection` built by :meth:`connect`,
+    whose implementation is a :class:`CoalescingConnection`. A batch of
+    requests (:meth:`publish`, encoded by :class:`fastfib.wire.RequestEncoder`)
+    goes out in one ``sendmsg`` (:meth:`flush`); replies are decoded by
+    :func:`fastfib.wire.decode_reply` and ``basic.ack`` confirms by
+    :class:`CoalescingConnection`, inside :meth:`wait`, without pika's frame
+    and dispatch machinery. Everything else (channel open, ``basic.return``,
+    ``basic.nack``, replies over 64 KiB, heartbeats, closes) is pika's, as
+    with a plain ``BlockingConnection``. Use it only when
+    :func:`client_self_check` passed.
+    """
+
+    @staticmethod
+    def connect(params: pika.connection.Parameters) -> pika.BlockingConnection:
+        """A BlockingConnection whose implementation is a :class:`CoalescingConnection`."""
+        return pika.BlockingConnection(params, _impl_class=CoalescingConnection)
+
+    def __init__(self, conn: pika.BlockingConnection, channel: Any) -> None:
+        self._conn = conn
+        self._impl: CoalescingConnection = conn._impl
+        self._ioloop = self._impl.ioloop
+        self._channel = channel
+        self.channel_number: int = channel.channel_number
+        self._encoder: RequestEncoder | None = None
+
+    def confirm_select(self, on_ack: Callable[[int, bool], None], on_nack: Callable[[int, bool], None],
+                       timeout: float) -> None:
+        """Publisher confirms, settled asynchronously: ``on_ack``/``on_nack(delivery_tag, multiple)``.
+
+        ``BlockingChannel.confirm_delivery()`` would make every publish wait
+        for its own confirm; the channel under it takes callbacks instead.
+        """
+
+        def on_frame(frame: Any) -> None:
+            method = frame.method
+            (on_nack if isinstance(method, spec.Basic.Nack) else on_ack)(method.delivery_tag, method.multiple)
+
+        selected: list = []
+        self._channel._impl.confirm_delivery(ack_nack_callback=on_frame, callback=selected.append)
+        self.wait(timeout, lambda: selected)
+        if not selected:
+            raise pika.exceptions.AMQPConnectionError("the broker did not answer Confirm.Select")
+        self._impl.set_fast_acks(self.channel_number, on_ack)
+
+    def consume(self, queue: str, on_reply: Callable[[Any, bytes], None],
+                on_bad: Callable[[Any], None]) -> None:
+        """Consume ``queue`` with auto-ack: ``on_reply(properties, body)`` for each reply (the
+        properties have ``correlation_id``, ``content_type``, ``headers``), ``on_bad(bad_delivery)``
+        for one that does not decode (:class:`fastfib.wire.BadDelivery`)."""
+
+        def fast(delivery: Any) -> None:
+            if type(delivery) is BadDelivery:
+                on_bad(delivery)
+            else:
+                on_reply(delivery.properties, delivery.body)
+
+        ctag = self._channel.basic_consume(queue, lambda _ch, _m, props, body: on_reply(props, body),
+                                           auto_ack=True)
+        self._impl.set_fast_deliveries(self.channel_number, ctag, fast)
+
+    def prepare(self, queue: str, reply_to: str, accept: str) -> None:
+        """Encode the constant part of the requests to ``queue`` (mandatory, replies to ``reply_to``)."""
+        self._encoder = RequestEncoder(self.channel_number, self._impl.body_max_length() + FRAME_OVERHEAD, queue,
+                                       reply_to, accept, mandatory=True)
+
+    def _raise_closed(self) -> None:
+        """Raise why the connection closed, cleaning up as ``BlockingConnection._flush_output`` does."""
+        closed = self._conn._closed_result
+        if closed.ready:
+            error = closed.value.error
+            self._conn._cleanup()
+            if not isinstance(error, pika.exceptions.ConnectionClosedByClient):
+                raise error
+        raise pika.exceptions.ConnectionWrongStateError("the connection is closed")
+
+    def publish(self, correlation_id: str, expiration: str, deadline_ms: int, body: bytes) -> None:
+        """Queue one request; it goes out at the next :meth:`flush` (or :meth:`wait`)."""
+        if not self._channel.is_open:
+            if self._impl.is_closed:
+                self._raise_closed()
+            raise pika.exceptions.ChannelWrongStateError("the channel is closed")
+        pieces = self._encoder.frames(correlation_id, expiration, deadline_ms, body)
+        self._impl.write_frames(pieces, frame_count(pieces), schedule=False)
+
+    def flush(self) -> None:
+        """Write the queued requests now."""
+        if self._impl._out:
+            self._impl.flush()
+
+    def wait(self, timeout: float, done: Callable[[], Any]) -> None:
+        """Serve the connection until ``done()`` or ``timeout`` seconds, like
+        ``process_data_events(timeout)`` but returning as soon as ``done()`` (which the fast handlers
+        make true; pika would not know). pika's own events are then dispatched as it would."""
+        conn, ioloop = self._conn, self._ioloop
+        if conn.is_closed:
+            self._raise_closed()
+        self.flush()
+        fired: list = []
+        timer = ioloop.call_later(timeout, lambda: fired.append(True))
+        closed = conn._closed_result
+        try:
+            while not (done() or fired or closed.ready or conn._channels_pending_dispatch or conn._ready_events):
+                ioloop.poll()
+                ioloop.process_timeouts()
+        finally:
+            ioloop.remove_timeout(timer)
+        if closed.ready and not done():  # replies that came with the close are handed over first
+            self._raise_closed()
+        if conn._channels_pending_dispatch or conn._ready_events:
+            conn.process_data_events(0)  # pika's consumer and return callbacks
 
 
 # ----------------------------------------------------------------------------- the self-check
@@ -423,3 +599,266 @@ def self_check() -> str | None:
                 pass
     return None
 
+
+
+
+# ----------------------------------------------------------------------------- the clients' self-check
+
+_REPLY_TO = "amq.rabbitmq.reply-to"
+_BIG = 70000  # over _FAST_BODY_MAX: this reply goes through pika's own consumer path
+
+
+class _FakeBroker:
+    """Just enough of a broker, on a TCP port of 127.0.0.1, in a thread, for one client connection
+    to run the clients' fast wire through: handshake, channel, confirm mode, a reply consumer, two
+    requests in, then an ack, a nack, two replies (one small, one over 64 KiB), one reply that does
+    not decode, and the close. ``error`` says what went wrong on its side."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(5)
+        self.port = self.listener.getsockname()[1]
+        self.error: str | None = None
+        self.requests: list = []
+        self._buf = b""
+        self._thread = threading.Thread(target=self._run, name="fastfib-seam-check", daemon=True)
+        self._thread.start()
+
+    def _frames(self, sock: socket.socket, until: Callable[[Any], bool]) -> list:
+        frames: list = []
+        while True:
+            while True:
+                used, value = pika.frame.decode_frame(self._buf)
+                if not value:
+                    break
+                self._buf = self._buf[used:]
+                frames.append(value)
+                if until(value):
+                    return frames
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("the client closed the connection")
+            self._buf += chunk
+
+    def _method(self, sock: socket.socket, cls: type | tuple) -> Any:
+        frames = self._frames(sock, lambda f: isinstance(f, pika.frame.Method) and isinstance(f.method, cls))
+        return frames[-1].method
+
+    def _run(self) -> None:
+        sock = None
+        try:
+            sock, _ = self.listener.accept()
+            sock.settimeout(5)
+            header = b""
+            while len(header) < 8:
+                header += sock.recv(8 - len(header))
+            send = sock.sendall
+
+            def method(channel: int, value: Any) -> bytes:
+                return pika.frame.Method(channel, value).marshal()
+
+            send(method(0, spec.Connection.Start(
+                server_properties={"product": "check", "capabilities": {"publisher_confirms": True,
+                                                                          "basic.nack": True}},
+                mechanisms="PLAIN", locales="en_US")))
+            self._method(sock, spec.Connection.StartOk)
+            send(method(0, spec.Connection.Tune(channel_max=16, frame_max=131072, heartbeat=0)))
+            self._method(sock, spec.Connection.Open)
+            send(method(0, spec.Connection.OpenOk()))
+            self._method(sock, spec.Channel.Open)
+            send(method(1, spec.Channel.OpenOk()))
+            self._method(sock, spec.Confirm.Select)
+            send(method(1, spec.Confirm.SelectOk()))
+            consume = self._method(sock, spec.Basic.Consume)
+            ctag = consume.consumer_tag
+            send(method(1, spec.Basic.ConsumeOk(consumer_tag=ctag)))
+            frames = self._frames(sock, lambda f: isinstance(f, pika.frame.Body) and f.fragment == b"21")
+            self.requests = [f for f in frames if not isinstance(f, pika.frame.Heartbeat)]
+            out = [method(1, spec.Basic.Ack(delivery_tag=1)), method(1, spec.Basic.Nack(delivery_tag=2))]
+            for tag, corr, body in ((1, "c1", b"6765"), (2, "c2", b"x" * _BIG)):
+                out.append(_delivery(1, tag, ctag, spec.BasicProperties(content_type="text/plain",
+                                                                        correlation_id=corr), body, 131072))
+            out.append(method(1, spec.Basic.Deliver(consumer_tag=ctag, delivery_tag=3, exchange="",
+                                                    routing_key=_REPLY_TO)))
+            # A content header whose headers table holds an unknown field type ('Z'): it does not decode.
+            table = b"\x01kZ"
+            props = (struct.pack(">HI", 0x2000 | 0x0400, len(table)) + table + b"\x02c3")
+            payload = struct.pack(">HHQ", 60, 0, 1) + props
+            out.append(struct.pack(">BHI", 2, 1, len(payload)) + payload + b"\xce")
+            out.append(pika.frame.Body(1, b"!").marshal())
+            send(b"".join(out))
+            while True:  # the client may cancel its consumer and close its channel, then the connection
+                closing = self._method(sock, (spec.Basic.Cancel, spec.Channel.Close, spec.Connection.Close))
+                if isinstance(closing, spec.Connection.Close):
+                    send(method(0, spec.Connection.CloseOk()))
+                    break
+                if isinstance(closing, spec.Basic.Cancel):
+                    send(method(1, spec.Basic.CancelOk(consumer_tag=closing.consumer_tag)))
+                else:
+                    send(method(1, spec.Channel.CloseOk()))
+        except Exception as exc:  # noqa: BLE001 - reported by the check
+            self.error = f"fake broker: {type(exc).__name__}: {exc}"
+        finally:
+            if sock is not None:
+                sock.close()
+            self.listener.close()
+
+    def join(self) -> None:
+        self._thread.join(10)
+
+
+class _Collected:
+    """What the client side of the check saw."""
+
+    def __init__(self) -> None:
+        self.acks: list = []
+        self.nacks: list = []
+        self.replies: list = []
+        self.bad: list = []
+
+    def on_reply(self, props: Any, body: bytes) -> None:
+        self.replies.append((props.correlation_id, props.content_type, body))
+
+    def done(self) -> bool:
+        return len(self.replies) == 2 and bool(self.bad and self.acks and self.nacks)
+
+    def verify(self, broker: _FakeBroker) -> None:
+        if broker.error:
+            raise AssertionError(broker.error)
+        expected = b"".join(b"".join(encode_request(1, "q", body, 131072, reply_to=_REPLY_TO, correlation_id=corr,
+                                                    expiration="5000", mandatory=True,
+                                                    headers={"accept": "text/plain", "x-deadline-ms": 2**40}))
+                            for corr, body in (("c1", b"20"), ("c2", b"21")))
+        got = b"".join(f.marshal() for f in broker.requests)
+        assert got == expected, "the requests written are not pika's bytes"
+        assert self.acks == [(1, False)] and self.nacks == [(2, False)], f"confirms: {self.acks} {self.nacks}"
+        assert sorted(self.replies) == [("c1", "text/plain", b"6765"), ("c2", "text/plain", b"x" * _BIG)], \
+            f"replies: {[(c, t, len(b)) for c, t, b in self.replies]}"
+        assert [b.correlation_id for b in self.bad] == ["c3"], f"undecodable reply: {self.bad}"
+
+
+def _check_blocking() -> None:
+    broker = _FakeBroker()
+    seen = _Collected()
+    params = pika.ConnectionParameters("127.0.0.1", broker.port, heartbeat=0, connection_attempts=1,
+                                       socket_timeout=5, stack_timeout=5)
+    conn = ClientWire.connect(params)
+    try:
+        assert type(conn._impl) is CoalescingConnection, "pika did not use the implementation class given"
+        wire = ClientWire(conn, conn.channel())
+        wire.confirm_select(lambda t, m: seen.acks.append((t, m)), lambda t, m: seen.nacks.append((t, m)), 5.0)
+        wire.consume(_REPLY_TO, seen.on_reply, seen.bad.append)
+        wire.prepare("q", _REPLY_TO, "text/plain")
+        wire.publish("c1", "5000", 2**40, b"20")
+        wire.publish("c2", "5000", 2**40, b"21")
+        deadline = time.monotonic() + 5
+        while not seen.done() and time.monotonic() < deadline:
+            wire.wait(deadline - time.monotonic(), seen.done)
+    finally:
+        _close_quietly(conn)
+    broker.join()
+    seen.verify(broker)
+
+
+def _check_asyncio() -> None:
+    import asyncio
+
+    async def run(broker: _FakeBroker, seen: _Collected) -> None:
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future = loop.create_future()
+        closed: asyncio.Future = loop.create_future()
+
+        def fail(_conn: Any, exc: Any) -> None:
+            if not opened.done():
+                opened.set_exception(exc if isinstance(exc, BaseException) else RuntimeError(str(exc)))
+
+        conn = AsyncioCoalescingConnection(
+            pika.ConnectionParameters("127.0.0.1", broker.port, heartbeat=0, connection_attempts=1,
+                                      socket_timeout=5, stack_timeout=5),
+            on_open_callback=opened.set_result, on_open_error_callback=fail,
+            on_close_callback=lambda c, e: closed.done() or closed.set_result(e), custom_ioloop=loop)
+        await asyncio.wait_for(opened, 5)
+        try:
+            step: asyncio.Future = loop.create_future()
+            conn.channel(on_open_callback=step.set_result)
+            channel = await asyncio.wait_for(step, 5)
+            step = loop.create_future()
+
+            def on_confirm(frame: Any) -> None:
+                m = frame.method
+                (seen.nacks if isinstance(m, spec.Basic.Nack) else seen.acks).append((m.delivery_tag, m.multiple))
+
+            channel.confirm_delivery(on_confirm, callback=step.set_result)
+            await asyncio.wait_for(step, 5)
+            conn.set_fast_acks(channel.channel_number, lambda t, m: seen.acks.append((t, m)))
+            step = loop.create_future()
+            ctag = channel.basic_consume(_REPLY_TO, lambda _c, _m, p, b: seen.on_reply(p, b), auto_ack=True,
+                                         callback=step.set_result)
+            await asyncio.wait_for(step, 5)
+            conn.set_fast_deliveries(channel.channel_number, ctag,
+                                     lambda d: seen.bad.append(d) if type(d) is BadDelivery
+                                     else seen.on_reply(d.properties, d.body))
+            encoder = RequestEncoder(channel.channel_number, conn.body_max_length() + FRAME_OVERHEAD, "q", _REPLY_TO,
+                                     "text/plain", mandatory=True)
+            for corr, body in (("c1", b"20"), ("c2", b"21")):
+                pieces = encoder.frames(corr, "5000", 2**40, body)
+                conn.write_frames(pieces, frame_count(pieces))
+            deadline = loop.time() + 5
+            while not seen.done() and loop.time() < deadline:
+                await asyncio.sleep(0.002)
+            step = loop.create_future()
+            channel.basic_cancel(ctag, callback=step.set_result)  # else pika logs the late CancelOk of its close
+            await asyncio.wait_for(step, 5)
+        finally:
+            if not (conn.is_closed or conn.is_closing):
+                conn.close()
+            try:
+                await asyncio.wait_for(closed, 5)
+            except asyncio.TimeoutError:
+                pass  # the check's verdict is the assertions'; a slow close is not one
+
+    def in_thread() -> None:  # a loop of its own, in a thread of its own: the caller may be running one
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(run(broker, seen))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            failure.append(exc)
+        finally:
+            loop.close()
+
+    broker = _FakeBroker()
+    seen = _Collected()
+    failure: list = []
+    thread = threading.Thread(target=in_thread, name="fastfib-seam-check-asyncio", daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():
+        raise AssertionError("the asyncio check did not finish")
+    if failure:
+        raise failure[0]
+    broker.join()
+    seen.verify(broker)
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        if conn.is_open:
+            conn.close()
+    except Exception:  # noqa: BLE001 - the check's verdict comes from its assertions
+        pass
+
+
+def client_self_check() -> str | None:
+    """None when the clients' fast wire (:class:`ClientWire` on a BlockingConnection, and
+    :class:`AsyncioCoalescingConnection`) works with the installed pika; else what went wrong.
+
+    Each runs against a fake broker on a loopback TCP port (:class:`_FakeBroker`): the requests
+    written must be pika's bytes, and the confirms and replies (fast, over 64 KiB through pika,
+    undecodable) must reach their handlers.
+    """
+    for name, check in (("blocking", _check_blocking), ("asyncio", _check_asyncio)):
+        try:
+            check()
+        except Exception as exc:  # noqa: BLE001 - any failure means: use pika's public API
+            return f"{name}: {type(exc).__name__}: {exc}"
+    return None

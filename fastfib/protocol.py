@@ -23,6 +23,9 @@ PROTOCOL_VERSION = 1
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_QUEUE = "rpc_queue"
+#: The timeout of a client built without one, in seconds (fastfib.client.DEFAULT_TIMEOUT; here so that
+#: the CLI can show it without loading pika).
+DEFAULT_TIMEOUT = 30.0
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 #: The largest request body the server parses, in bytes.

@@ -3,17 +3,19 @@
 :class:`fastfib.client.FibonacciRpcClient` and
 :class:`fastfib.aio.AsyncFibonacciRpcClient` differ only in how they drive
 pika. Everything else lives here once: argument checks, the broker URL list
-and its connection parameters, the request properties, publisher-confirm
+and its connection parameters, correlation ids, publisher-confirm
 bookkeeping, counters and the messages of the errors they raise. This module
 is loaded by the clients only (``import fastfib`` does not load pika).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+import logging
 import math
 import operator
 import os
-import struct
 import uuid
 from collections import deque
 from collections.abc import Iterable
@@ -25,11 +27,11 @@ import pika.exceptions
 from pika.spec import BasicProperties
 
 from .errors import ConnectionLost, Unroutable
-from .protocol import CONTENT_BINARY, CONTENT_DECIMAL, HEADER_ACCEPT, HEADER_DEADLINE, MAX_BODY_BYTES
+from .protocol import CONTENT_BINARY, CONTENT_DECIMAL, DEFAULT_TIMEOUT, HEADER_ACCEPT, HEADER_DEADLINE, MAX_BODY_BYTES
 from .urls import client_urls, describe_error, describe_failures, endpoint
 
-#: The timeout of a client built without one, in seconds.
-DEFAULT_TIMEOUT = 30.0
+_log = logging.getLogger(__name__)
+
 
 #: Seconds without a reply (requests pending, none waiting in the queue) after which a client
 #: takes its connection's replies as lost, reconnects and resends.
@@ -192,101 +194,46 @@ def connect_error(failures: list[tuple[str, BaseException]], refused: bool = Fal
     return error
 
 
-# --- request properties ---------------------------------------------------------------------
+# --- requests and replies ------------------------------------------------------------------
 
 
-class RequestProperties(BasicProperties):
-    """The properties of a request, encoded from a per-connection template.
+@functools.cache
+def fast_wire_works() -> bool:
+    """Whether the clients' fast wire (:mod:`fastfib.pika_seam`) works with the installed pika,
+    checked once per process (:func:`fastfib.pika_seam.client_self_check`); when it does not, one
+    warning says so and the clients use pika's public API."""
+    from . import pika_seam
 
-    pika's ``BasicProperties`` sets 14 attributes and re-encodes every field,
-    headers table included, on every publish. A request's properties differ
-    only in ``correlation_id``, ``expiration`` and ``x-deadline-ms``, so this
-    subclass keeps the rest as ready-made bytes and produces exactly what
-    pika's ``encode()`` would (``tests/test_client_unit.py`` checks byte for
-    byte). Only ``encode()`` and ``INDEX`` are used by pika's publish path;
-    the attributes are there for whoever inspects a request.
+    problem = pika_seam.client_self_check()
+    if problem is not None:
+        _log.warning("the clients' fast wire does not work with the installed pika %s (%s); using pika's "
+                     "public API instead", pika.__version__, problem)
+    return problem is None
+
+
+def request_properties(reply_to: str, accept: str, correlation_id: str, expiration: str,
+                       deadline_ms: int) -> BasicProperties:
+    """A request's properties for pika's public ``basic_publish`` (the fallback of the fast wire,
+    which encodes the same with :class:`fastfib.wire.RequestEncoder`)."""
+    return BasicProperties(reply_to=reply_to, correlation_id=correlation_id, expiration=expiration,
+                           headers={HEADER_ACCEPT: accept, HEADER_DEADLINE: deadline_ms})
+
+
+class CorrelationIds:
+    """Fresh correlation ids: 32 hex digits, a random prefix per client and a counter.
+
+    Unique within a client (the replies come back to it alone), and cheaper
+    than a ``uuid4().hex`` per request (docs/client.md).
     """
 
-    # Everything this request does not set, as BasicProperties.__init__ would leave it.
-    content_type = content_encoding = delivery_mode = priority = None
-    message_id = timestamp = type = user_id = app_id = cluster_id = None
+    __slots__ = ("_prefix", "_count")
 
-    def __init__(self, template: PropertiesTemplate, correlation_id: str, expiration: str, deadline_ms: int) -> None:
-        self._template = template
-        self.correlation_id = correlation_id
-        self.expiration = expiration
-        self._deadline_ms = deadline_ms
+    def __init__(self) -> None:
+        self._prefix = uuid.uuid4().hex[:16]
+        self._count = itertools.count(1)
 
-    @property
-    def reply_to(self) -> str:  # type: ignore[override]
-        return self._template.reply_to
-
-    @property
-    def headers(self) -> dict:  # type: ignore[override]
-        return {HEADER_ACCEPT: self._template.accept, HEADER_DEADLINE: self._deadline_ms}
-
-    def __repr__(self) -> str:
-        return (
-            f"<RequestProperties correlation_id={self.correlation_id!r} reply_to={self.reply_to!r} "
-            f"expiration={self.expiration!r} headers={self.headers!r}>"
-        )
-
-    def encode(self) -> list[bytes]:
-        t = self._template
-        corr = self.correlation_id.encode()
-        exp = self.expiration.encode()
-        return [
-            t.head,
-            _pack_deadline(self._deadline_ms),
-            _pack_len(len(corr)) + corr,
-            t.reply_to_short,
-            _pack_len(len(exp)) + exp,
-        ]
-
-
-_pack_len = struct.Struct(">B").pack
-_pack_deadline = struct.Struct(">q").pack
-
-
-class PropertiesTemplate:
-    """The constant part of a connection's request properties (see :class:`RequestProperties`)."""
-
-    __slots__ = ("accept", "reply_to", "head", "reply_to_short")
-
-    def __init__(self, accept: str, reply_to: str) -> None:
-        self.accept = accept
-        self.reply_to = reply_to
-        flags = (
-            BasicProperties.FLAG_HEADERS
-            | BasicProperties.FLAG_CORRELATION_ID
-            | BasicProperties.FLAG_REPLY_TO
-            | BasicProperties.FLAG_EXPIRATION
-        )
-        accept_b = accept.encode()
-        # The headers table as pika encodes it: {accept: str -> 'S' long string,
-        # x-deadline-ms: an int beyond 32 bits -> 'l' signed 64-bit}; the 8 bytes of the
-        # deadline itself follow the head.
-        entries = (
-            _short(HEADER_ACCEPT) + b"S" + struct.pack(">I", len(accept_b)) + accept_b
-            + _short(HEADER_DEADLINE) + b"l"
-        )
-        self.head = struct.pack(">HI", flags, len(entries) + 8) + entries
-        self.reply_to_short = _short(reply_to)
-
-    def __call__(self, correlation_id: str, expiration: str, deadline_ms: int) -> BasicProperties:
-        if deadline_ms < 2**31:  # never, for a Unix-epoch ms deadline; pika would pick a 32-bit int
-            return BasicProperties(
-                reply_to=self.reply_to,
-                correlation_id=correlation_id,
-                expiration=expiration,
-                headers={HEADER_ACCEPT: self.accept, HEADER_DEADLINE: deadline_ms},
-            )
-        return RequestProperties(self, correlation_id, expiration, deadline_ms)
-
-
-def _short(text: str) -> bytes:
-    raw = text.encode()
-    return _pack_len(len(raw)) + raw
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._count):016x}"
 
 
 # --- publisher confirms ---------------------------------------------------------------------

@@ -114,13 +114,13 @@ def test_call_many_order_and_window(broker_url, queue):
     with FixtureServer(queue, conformant_handler(), prefetch=1000):
         with FibonacciRpcClient(broker_url, queue) as client:
             in_flight = []
-            publish = client._channel.basic_publish
+            publish = client._link.publish
 
             def counting_publish(*args, **kwargs):
                 in_flight.append(len(client._pending))
                 return publish(*args, **kwargs)
 
-            client._channel.basic_publish = counting_publish
+            client._link.publish = counting_publish
             ns = [(i * 7919) % 3000 for i in range(300)]
             assert client.call_many(ns, window=7) == [fib(n) for n in ns]
             assert max(in_flight) <= 7

@@ -13,7 +13,6 @@ from fastfib import protocol
 from fastfib.aio import AsyncFibonacciRpcClient
 from fastfib.client import FibonacciRpcClient
 from fastfib.errors import OutOfRange, UnsupportedFormat
-from fastfib.rpc_base import PropertiesTemplate
 
 pytestmark = pytest.mark.broker
 
@@ -58,7 +57,7 @@ def test_out_of_range(broker_url, served_queue):
 def test_unsupported_format(broker_url, served_queue):
     with FibonacciRpcClient(broker_url, served_queue) as client:
         # No public way to ask for it: the client only speaks the two formats.
-        client._props = PropertiesTemplate("text/html", client._reply_to)
+        client._link.prepare(client.queue, client._reply_to, "text/html")
         with pytest.raises(UnsupportedFormat) as info:
             client.call(5)
         assert info.value.kind == protocol.KIND_UNSUPPORTED_FORMAT

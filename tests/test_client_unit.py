@@ -1,4 +1,4 @@
-"""Client pieces that need no broker: argument checks and the request-properties encoder."""
+"""Client pieces that need no broker: argument checks and the requests as the client encodes them."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import gmpy2
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pika import frame
+from pika import frame, spec
 from pika.spec import BasicProperties
 
 from fastfib import protocol
-from fastfib.rpc_base import PropertiesTemplate, check_n, check_timeout, check_window
+from fastfib.rpc_base import check_n, check_timeout, check_window
+from fastfib.wire import RequestEncoder
 
 
 def reference(reply_to, accept, corr, expiration, deadline):
@@ -24,6 +25,13 @@ def reference(reply_to, accept, corr, expiration, deadline):
     )
 
 
+def encoded(reply_to, accept, corr, expiration, deadline, body=b"20"):
+    """A request as the client's fast wire writes it (fastfib.wire.RequestEncoder): (method, header) frames."""
+    pieces = RequestEncoder(1, 131072, "rpc_queue", reply_to, accept, mandatory=True).frames(
+        corr, expiration, deadline, body)
+    return pieces[0], pieces[1]
+
+
 @given(
     reply_to=st.sampled_from([protocol.DIRECT_REPLY_TO, "amq.gen-JzTY20BRgKO-HjmUJj0wLg", "q" * 255]),
     accept=st.sampled_from([protocol.CONTENT_BINARY, protocol.CONTENT_DECIMAL, "text/html"]),
@@ -32,36 +40,30 @@ def reference(reply_to, accept, corr, expiration, deadline):
     deadline=st.integers(2**31, 2**63 - 1),
 )
 def test_request_properties_encode_exactly_like_pika(reply_to, accept, corr, expiration, deadline):
-    props = PropertiesTemplate(accept, reply_to)(corr, expiration, deadline)
+    method, header = encoded(reply_to, accept, corr, expiration, deadline)
     ref = reference(reply_to, accept, corr, expiration, deadline)
-    assert b"".join(props.encode()) == b"".join(ref.encode())
-    assert frame.Header(1, 10, props).marshal() == frame.Header(1, 10, ref).marshal()
+    assert header == frame.Header(1, 2, ref).marshal()
+    assert method == frame.Method(1, spec.Basic.Publish(exchange="", routing_key="rpc_queue",
+                                                        mandatory=True)).marshal()
     decoded = BasicProperties()
-    decoded.decode(b"".join(props.encode()))
+    decoded.decode(header[7 + 12:-1])  # after class, weight and body size
     assert (decoded.reply_to, decoded.correlation_id, decoded.expiration) == (reply_to, corr, expiration)
     assert decoded.headers == {protocol.HEADER_ACCEPT: accept, protocol.HEADER_DEADLINE: deadline}
-    # What a reader of the request sees.
-    assert (props.reply_to, props.correlation_id, props.expiration, props.headers) == (
-        reply_to,
-        corr,
-        expiration,
-        decoded.headers,
-    )
-    assert props.content_type is None and props.delivery_mode is None
+    assert decoded.content_type is None and decoded.delivery_mode is None
 
 
 def test_small_deadline_falls_back_to_pika():
-    # Not a real Unix-epoch-ms deadline, but the template must never encode it differently from pika.
-    props = PropertiesTemplate(protocol.CONTENT_BINARY, protocol.DIRECT_REPLY_TO)("c", "5", 12345)
+    # Not a real Unix-epoch-ms deadline, but the encoder must never encode it differently from pika.
+    _, header = encoded(protocol.DIRECT_REPLY_TO, protocol.CONTENT_BINARY, "c", "5", 12345)
     ref = reference(protocol.DIRECT_REPLY_TO, protocol.CONTENT_BINARY, "c", "5", 12345)
-    assert b"".join(props.encode()) == b"".join(ref.encode())
+    assert header == frame.Header(1, 2, ref).marshal()
 
 
 def test_current_deadline_is_64_bit():
     deadline = protocol.deadline_header(30)
     assert deadline > 2**31
-    props = PropertiesTemplate(protocol.CONTENT_BINARY, protocol.DIRECT_REPLY_TO)("c", "30000", deadline)
-    assert repr(props).startswith("<RequestProperties")
+    _, header = encoded(protocol.DIRECT_REPLY_TO, protocol.CONTENT_BINARY, "c", "30000", deadline)
+    assert protocol.HEADER_DEADLINE.encode() + b"l" + deadline.to_bytes(8, "big") in header
 
 
 @pytest.mark.parametrize("n", [0, 1, 10**63, 10**64 - 1, gmpy2.mpz(7)])

@@ -113,3 +113,27 @@ def test_the_cycle_finder_finds_cycles_even_through_lazy_imports(tmp_path):
     (pkg / "b.py").write_text("def f():\n    from .a import g\n")
     (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\n")
     assert _cycles("pkg", tmp_path) == [["pkg.a", "pkg.b", "pkg.a"]]
+
+
+_PIKA_LOADED = "import sys; print(sorted(m for m in sys.modules if m == 'pika' or m.startswith('pika.')))"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"], ["call", "--help"], ["health", "--help"],
+                                  ["health", "--no-broker", "--metrics-url", "http://127.0.0.1:9/"]])
+def test_the_cli_loads_pika_only_when_it_talks_to_the_broker(argv):
+    """The CLI's parser used to import fastfib.client (for the default timeout): pika for every command."""
+    code = ("import sys; from fastfib import cli\n"
+            f"try:\n    cli.main({argv!r})\nexcept SystemExit:\n    pass\n" + _PIKA_LOADED)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_cli_call_still_loads_pika_when_it_calls():
+    # The other side of the test above: a call needs the client, so it must load pika (here: an unreachable URL).
+    code = ("import sys; from fastfib import cli\n"
+            "try:\n    cli.main(['call', '5', '--url', 'amqp://guest:guest@127.0.0.1:9/%2F', '--timeout', '1'])\n"
+            "except SystemExit:\n    pass\n" + _PIKA_LOADED)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "'pika'" in out.stdout.strip().splitlines()[-1]
