@@ -207,10 +207,16 @@ def test_stop_app_then_start_app_on_a_client_node(cluster, pool):
     others = tuple(n for n in (1, 2, 3) if n != leader)
     target = others[1]  # client 1's node
 
+    batches_running_at_start_app = []
+
     def fault():
+        # Both steps inside the batches, synchronously: a timer could fire after the test had ended.
         cluster.ctl(target, "stop_app")
-        threading.Timer(2.0, lambda: cluster.ctl(target, "start_app")).start()
+        running = {t.name for t in threading.enumerate()}  # live threads only
+        batches_running_at_start_app.append({"client-0", "client-1"} <= running)
+        cluster.ctl(target, "start_app")
 
     figures = _run_case(cluster, pool, "stop-app", fault, lambda: cluster.wait_all_online(pool.queue, ask=others[0]),
                         others)
+    assert batches_running_at_start_app == [True], "the batches ended before start_app: raise CALLS"
     assert figures["client_reconnects"] >= 1
