@@ -52,6 +52,7 @@ from .wire import (
     INCOMPLETE,
     BadDelivery,
     RequestEncoder,
+    decode_ack,
     decode_delivery,
     encode_reply,
     encode_request,
@@ -66,9 +67,7 @@ except ImportError:  # pragma: no cover - another pika layout: pika's own writes
 log = logging.getLogger(__name__)
 
 _UNPACK_FRAME_HEADER = struct.Struct(">BHI").unpack_from
-_UNPACK_U64 = struct.Struct(">Q").unpack_from
 _BASIC_DELIVER = b"\x00\x3c\x00\x3c"  # class 60 (basic), method 60 (deliver)
-_BASIC_ACK = b"\x00\x3c\x00\x50"  # class 60 (basic), method 80 (ack)
 #: Deliveries with a larger body are left to pika (a valid request is at most 64 bytes): a large one
 #: arriving over many reads would be decoded again from its start at each read.
 _FAST_BODY_MAX = 65536
@@ -134,13 +133,13 @@ class _FastWire:
             end = pos + 7 + size
             if end >= n:
                 break
-            if (acks is not None and ftype == 1 and size == 13 and channel_number == acks[0]
-                    and buf[pos + 7:pos + 11] == _BASIC_ACK and buf[end] == 0xCE):
-                (tag,) = _UNPACK_U64(buf, pos + 11)
-                self.bytes_received += 21
+            ack = decode_ack(buf, pos, acks[0]) if acks is not None and ftype == 1 else None
+            if ack is not None:
+                tag, multiple, next_pos = ack
+                self.bytes_received += next_pos - pos
                 self.frames_received += 1
-                pos = end + 1
-                acks[1](tag, bool(buf[pos - 2] & 1))
+                pos = next_pos
+                acks[1](tag, multiple)
                 continue
             if (fast is not None and ftype == 1 and channel_number == fast[0]
                     and buf[pos + 7:pos + 11] == _BASIC_DELIVER):

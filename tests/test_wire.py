@@ -275,6 +275,16 @@ def test_a_corrupt_frame_structure_is_left_to_the_generic_decoder():
     assert wire.decode_delivery(bytes(data), 0, 1, b"c") is None
 
 
+@given(tag=st.integers(0, 2**64 - 1), multiple=st.booleans(), channel=st.integers(1, 65535))
+def test_decode_ack_reads_pikas_basic_ack(tag, multiple, channel):
+    raw = frame.Method(channel, spec.Basic.Ack(delivery_tag=tag, multiple=multiple)).marshal()
+    assert wire.decode_ack(raw + b"rest", 0, channel) == (tag, multiple, len(raw))
+    assert wire.decode_ack(raw, 0, channel % 65535 + 1) is None  # another channel
+    assert wire.decode_ack(raw[:-1], 0, channel) is None  # not whole yet
+    nack = frame.Method(channel, spec.Basic.Nack(delivery_tag=tag, multiple=multiple)).marshal()
+    assert wire.decode_ack(nack, 0, channel) is None  # nacks go to pika
+
+
 def test_decimal_and_timestamp_values_decode_as_pika():
     from pika import data as pdata
 

@@ -31,6 +31,7 @@ from ._pywire import (
     Properties,
     ReplyEncoder,
     RequestEncoder,
+    decode_ack,
     decode_delivery,
     decode_properties,
     decode_reply,
@@ -48,7 +49,7 @@ IMPLEMENTATION = "python"
 
 __all__ = [
     "CONTENT_TYPE_SHORTSTR", "FRAME_OVERHEAD", "IMPLEMENTATION", "INCOMPLETE", "BadDelivery", "Delivery",
-    "EncodeError", "Properties", "ReplyEncoder", "RequestEncoder", "decode_delivery", "decode_properties", "decode_reply",
+    "EncodeError", "Properties", "ReplyEncoder", "RequestEncoder", "decode_ack", "decode_delivery", "decode_properties", "decode_reply",
     "decode_table", "encode_properties", "encode_publish", "encode_reply", "encode_request", "encode_table",
     "frame_count",
 ]

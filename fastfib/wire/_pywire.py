@@ -316,6 +316,26 @@ def _salvage(buf, p: int, end: int):
 # ------------------------------------------------------------------------------ decoding deliveries
 
 
+_BASIC_ACK = b"\x00\x3c\x00\x50"  # class 60 (basic), method 80 (ack)
+
+
+def decode_ack(buf, pos: int, channel_number: int):
+    """Decode the ``basic.ack`` method frame (a publisher confirm) at ``buf[pos]``, if it is one.
+
+    Returns ``(delivery_tag, multiple, end)``, ``end`` the offset after the
+    frame; None when the whole frame at ``pos`` is not a basic.ack on
+    ``channel_number`` (or is not whole yet).
+    """
+    if len(buf) - pos < 21:
+        return None
+    ftype, ch, size = _UNPACK_FRAME_HEADER(buf, pos)
+    if (ftype != FRAME_METHOD or ch != channel_number or size != 13 or buf[pos + 7:pos + 11] != _BASIC_ACK
+            or buf[pos + 20] != FRAME_END):
+        return None
+    (tag,) = _UNPACK_U64(buf, pos + 11)
+    return tag, bool(buf[pos + 19] & 1), pos + 21
+
+
 def decode_delivery(buf, pos: int, channel_number: int, consumer_tag: bytes | None = None, *,
                     max_body: int | None = None):
     """Decode the ``basic.deliver`` method frame at ``buf[pos]`` with its content header and body frames.
