@@ -95,6 +95,9 @@ def _flood_and_probe(queue: str, prefetch: int, flood: int, probes: int = 20) ->
         pool.wait_ready()
         started = time.monotonic()
         big = [flooder.publish(b"%d" % (1_000_000 - i), headers={"accept": "text/plain"}) for i in range(flood)]
+        # A round trip on the flood's channel: the broker has queued the whole flood before the
+        # first probe is published on another connection (two connections are not ordered).
+        flooder.channel.queue_declare(queue, passive=True)
 
         def pump() -> None:
             deadline = time.monotonic() + 300
