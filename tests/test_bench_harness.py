@@ -238,6 +238,21 @@ def _run_cell(url, cell):
 
 
 @pytest.mark.broker
+def test_distinct_replies_are_counted_once(broker_url, reference_server):
+    # verified is the denominator of CPU per reply: a reply checked after the window counts once.
+    queue = reference_server("gmpy2")
+    cell = _cell(queue, "pipe", format="binary", workload={"kind": "distinct", "lo": 100_000, "hi": 200_000})
+    client = load.LoadClient(broker_url)
+    try:
+        w = load.Workload(cell["workload"], cell["format"], cell["check"])
+        res = client.run(cell, w)
+    finally:
+        client.close()
+    assert res["ok"] and res["count"] >= 10
+    assert res["count"] <= res["verified"] <= w.i  # no more replies checked than requests sent
+
+
+@pytest.mark.broker
 @pytest.mark.parametrize("mode", ["seq", "pipe"])
 def test_load_measures_a_correct_server(broker_url, reference_server, mode):
     queue = reference_server("gmpy2")
