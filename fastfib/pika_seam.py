@@ -1,7 +1,7 @@
 """The one module that uses pika's private API: the fast wire of the worker and of both clients.
 
 :class:`CoalescingConnection` is a :class:`pika.SelectConnection` that decodes
-one consumer's deliveries (and one channel's ``basic.ack`` confirms) with
+the deliveries to one channel's consumers (and its ``basic.ack`` confirms) with
 :mod:`fastfib.wire` and writes each I/O loop turn's frames with one
 ``sendmsg``. Everything else is pika's. The worker runs on it; so does the
 blocking client, as the implementation of a :class:`pika.BlockingConnection`
@@ -80,8 +80,8 @@ _JOIN_BELOW = 65536
 
 class _FastWire:
     """What :class:`CoalescingConnection` and :class:`AsyncioCoalescingConnection` add to pika's
-    connection classes: one write per I/O loop turn, and a fast decoder for one consumer's
-    deliveries and one channel's publisher confirms.
+    connection classes: one write per I/O loop turn, and a fast decoder for the deliveries to one
+    channel's consumers and for one channel's publisher confirms.
 
     pika hands every frame to its transport separately, and the transport
     sends each queued chunk with a system call of its own: a reply is three
@@ -97,17 +97,18 @@ class _FastWire:
         self._out: list = []
         self._flush_scheduled = False
         self._before_flush = before_flush
-        self._fast: tuple[int, bytes, Callable] | None = None
+        self._fast: tuple[int, tuple[bytes, ...], Callable] | None = None
         self._fast_acks: tuple[int, Callable] | None = None
         super().__init__(*args, **kwargs)
 
-    def set_fast_deliveries(self, channel_number: int, consumer_tag: str, handler: Callable) -> None:
-        """Decode the deliveries to ``consumer_tag`` on ``channel_number`` here and call
+    def set_fast_deliveries(self, channel_number: int, consumer_tag: str | tuple[str, ...], handler: Callable) -> None:
+        """Decode the deliveries to ``consumer_tag`` (or to any of a tuple of tags) on ``channel_number`` here and call
         ``handler(delivery)`` (a :class:`fastfib.wire.Delivery`, or a :class:`fastfib.wire.BadDelivery`
         to settle), bypassing pika's generic frame machinery (which costs more than everything else a
         small request needs). Everything else, and any delivery this decoder does not take, goes
         through pika as usual."""
-        self._fast = (channel_number, consumer_tag.encode("utf-8"), handler)
+        tags = (consumer_tag,) if isinstance(consumer_tag, str) else consumer_tag
+        self._fast = (channel_number, tuple(t.encode("utf-8") for t in tags), handler) if tags else None
 
     def clear_fast_deliveries(self) -> None:
         self._fast = None

@@ -196,6 +196,9 @@ def test_decode_delivery_is_pikas_decoding(props, body, frame_max, tag, redelive
     same_properties(got.properties, expected)
     assert wire.decode_delivery(data, 0, 3, None).delivery_tag == tag  # any consumer tag
     assert wire.decode_delivery(data, 0, 3, b"other") is None  # another consumer's: not ours
+    mine = consumer_tag.encode()
+    assert wire.decode_delivery(data, 0, 3, (mine + b"x", mine)).delivery_tag == tag  # one of our tags
+    assert wire.decode_delivery(data, 0, 3, (mine + b"x", b"\x00" + mine)) is None  # none of them
     assert wire.decode_delivery(data, 0, 4, None) is None  # another channel's
     if body:  # a body over max_body is left to the generic decoder
         assert wire.decode_delivery(data, 0, 3, None, max_body=len(body) - 1) is None

@@ -336,7 +336,7 @@ def decode_ack(buf, pos: int, channel_number: int):
     return tag, bool(buf[pos + 19] & 1), pos + 21
 
 
-def decode_delivery(buf, pos: int, channel_number: int, consumer_tag: bytes | None = None, *,
+def decode_delivery(buf, pos: int, channel_number: int, consumer_tag: bytes | tuple[bytes, ...] | None = None, *,
                     max_body: int | None = None):
     """Decode the ``basic.deliver`` method frame at ``buf[pos]`` with its content header and body frames.
 
@@ -345,7 +345,7 @@ def decode_delivery(buf, pos: int, channel_number: int, consumer_tag: bytes | No
     its method or properties cannot be decoded (any exception while decoding
     them: it must be settled, not raised into the transport); None when it is
     not a delivery this codec takes: not a basic.deliver on ``channel_number``
-    (to ``consumer_tag``, when given), a body over ``max_body``, or a frame
+    (to ``consumer_tag``, or one of a tuple of tags, when given), a body over ``max_body``, or a frame
     structure that is not a delivery's (wrong frame type or channel, a bad
     frame-end octet): the caller's generic frame decoder handles those.
     """
@@ -365,7 +365,10 @@ def decode_delivery(buf, pos: int, channel_number: int, consumer_tag: bytes | No
     p = pos + 11
     if consumer_tag is not None:
         tag_len = buf[p]
-        if p + 1 + tag_len > mend or buf[p + 1:p + 1 + tag_len] != consumer_tag:
+        if p + 1 + tag_len > mend:
+            return None
+        tag = buf[p + 1:p + 1 + tag_len]
+        if (tag != consumer_tag) if type(consumer_tag) is bytes else (tag not in consumer_tag):
             return None
     # The content header and body frames first: whatever the method or properties hold, the
     # delivery's extent must be known to settle it.
