@@ -294,6 +294,7 @@ def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None =
         delivery_limit=v["delivery_limit"],
         metrics=v["metrics_port"] is not None,
         wire=v["wire"],
+        pool_workers=v["workers"],
     )
     return ServeSettings(worker=worker, workers=v["workers"], metrics_port=v["metrics_port"],
                          metrics_host=v["metrics_host"])

@@ -7,7 +7,8 @@ Two checks, each one line on stdout (``broker: OK ...`` / ``pool: FAIL ...``):
   *passively*, which creates nothing and tells the queue's consumer count.
   Healthy when the queue exists and has at least ``--min-consumers``
   consumers (default 1). It sees the consumers of every pool on the queue,
-  on every host: the check of a service, not of one process.
+  on every host: the check of a service, not of one process. A pool of N > 1
+  workers holds N + 1 consumers (worker 0's idle consumer, docs/server.md).
 - **pool** (with ``--metrics-url``, or when ``FASTFIB_METRICS_PORT`` is set):
   ``GET <metrics-url>/healthz`` on a pool started with ``--metrics-port``.
   Healthy on HTTP 200, which the supervisor answers when every one of its

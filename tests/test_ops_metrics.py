@@ -100,8 +100,9 @@ def test_metrics_add_up_across_workers_and_a_restart(queue):
         assert status == 200 and body["consuming"] == 2 and body["status"] == "ok"
         out = run_health("--url", URL, "--queue", queue, "--min-consumers", "2", "--metrics-url", base)
         assert out.returncode == 0, out
-        assert "broker: OK" in out.stdout and "2 consumer(s)" in out.stdout and "pool: OK" in out.stdout
-        out = run_health("--url", URL, "--queue", queue, "--min-consumers", "3")
+        # 2 workers: 3 consumers, worker 0's idle consumer included (docs/server.md)
+        assert "broker: OK" in out.stdout and "3 consumer(s)" in out.stdout and "pool: OK" in out.stdout
+        out = run_health("--url", URL, "--queue", queue, "--min-consumers", "4")
         assert out.returncode == 1 and "broker: FAIL" in out.stdout, out
 
         # A worker killed with -9: restarted and counted; the totals keep its counts.

@@ -27,7 +27,8 @@ def test_environment_configures_the_pool_flags_win_and_logs_are_json(queue):
             assert client.call(b"30")[1] == b"832040"
             consumers = [line.split("\t") for line in rabbitmqctl("list_consumers", "queue_name",
                                                                    "prefetch_count").splitlines()]
-            assert sorted(p for q, p in consumers if q == queue) == ["7", "7"]  # env prefetch, 2 workers (flag)
+            # env prefetch, 2 workers (flag), and worker 0's idle consumer (prefetch 1)
+            assert sorted(p for q, p in consumers if q == queue) == ["1", "7", "7"]
             # The default queue is the current tutorial's (issue 14): durable, quorum.
             row = queue_row(queue)
             assert row[1:3] == ["true", "quorum"] and '"x-queue-type","quorum"' in row[3], row

@@ -44,7 +44,7 @@ from .acks import AckBatcher
 from .closes import Backoff, Cause, classify, describe, fatal_reason
 from .compute import ComputeThread, kernel_encoder
 from .dispatch import Dispatcher
-from .settings import RECONNECT_BASE, RECONNECT_CAP, WorkerConfig
+from .settings import IDLE_PREFETCH, IDLE_PRIORITY, RECONNECT_BASE, RECONNECT_CAP, WorkerConfig
 from .stats import RateLimitedLog, Stats
 
 if TYPE_CHECKING:
@@ -111,6 +111,9 @@ class Worker:
         self._connection: pika.SelectConnection | None = None
         self._channel = None
         self._consumer_tag: str | None = None
+        #: Worker 0 of a pool of several also holds the idle consumer (settings.IDLE_PRIORITY).
+        self._idle_consumer = index == 0 and config.pool_workers > 1
+        self._idle_tag: str | None = None
         self._passive_declare = False
         self._queue_declaration = config.queue_declaration()
         self._reconnect_timer = None
@@ -232,7 +235,7 @@ class Worker:
             return
         self._connection = None
         was_consuming = self._consumer_tag is not None
-        self._consumer_tag = None
+        self._consumer_tag = self._idle_tag = None
         self._set_channel(None)
         if self._stopping:
             self._ioloop.stop()
@@ -315,9 +318,23 @@ class Worker:
         channel = self._channel
         self._consumer_tag = channel.basic_consume(self.config.queue, self.dispatcher.on_message,
                                                    callback=self._on_consume_ok)
-        if self.wire == "fast":
-            self._connection.set_fast_deliveries(channel.channel_number, self._consumer_tag,
-                                                 self.dispatcher.on_fast_delivery)
+        if self._idle_consumer:
+            # A basic.qos sets the prefetch of the consumers created after it: the main one keeps its own.
+            channel.basic_qos(prefetch_count=IDLE_PREFETCH, callback=self._on_idle_qos_ok)
+        self._set_fast_deliveries()
+
+    def _on_idle_qos_ok(self, frame) -> None:
+        channel = self._channel
+        if self._stopping or self._consumer_tag is None or channel is None or not channel.is_open:
+            return
+        self._idle_tag = channel.basic_consume(self.config.queue, self.dispatcher.on_message,
+                                               arguments={"x-priority": IDLE_PRIORITY})
+        self._set_fast_deliveries()
+
+    def _set_fast_deliveries(self) -> None:
+        if self.wire == "fast" and self._connection is not None and self._channel is not None:
+            tags = tuple(t for t in (self._consumer_tag, self._idle_tag) if t is not None)
+            self._connection.set_fast_deliveries(self._channel.channel_number, tags, self.dispatcher.on_fast_delivery)
 
     def _clear_fast_deliveries(self) -> None:
         if self.wire == "fast" and self._connection is not None:
@@ -331,9 +348,18 @@ class Worker:
         self._on_event("consuming", self._masked[self._url_index])
 
     def _on_consumer_cancelled(self, frame) -> None:
-        # The broker cancelled our consumer: the queue was deleted. Declare it again and resume.
-        self._consumer_tag = None
+        # The broker cancelled our consumer: the queue was deleted. Declare it again and resume,
+        # once it has cancelled both of worker 0's (a deleted queue's consumers are all cancelled).
+        tag = frame.method.consumer_tag
+        if tag == self._idle_tag:
+            self._idle_tag = None
+        elif tag == self._consumer_tag:
+            self._consumer_tag = None
+        else:
+            return
         self._clear_fast_deliveries()
+        if self._consumer_tag is not None or self._idle_tag is not None:
+            return
         if self._stopping:
             self._maybe_finish_stop()
             return
@@ -345,7 +371,7 @@ class Worker:
     def _on_channel_closed(self, channel, reason: BaseException) -> None:
         if channel is not self._channel:
             return
-        self._consumer_tag = None
+        self._consumer_tag = self._idle_tag = None
         self._set_channel(None)
         connection = self._connection
         if connection is None or not connection.is_open:
@@ -424,10 +450,12 @@ class Worker:
         channel, connection = self._channel, self._connection
         if connection is None:
             self._ioloop.stop()
-        elif channel is not None and channel.is_open and self._consumer_tag is not None:
+        elif channel is not None and channel.is_open and (self._consumer_tag or self._idle_tag) is not None:
             # Deliveries that arrive after this are rejected (requeued) by pika itself.
             self._clear_fast_deliveries()
-            channel.basic_cancel(self._consumer_tag, callback=self._on_cancelok)
+            for tag in (self._consumer_tag, self._idle_tag):
+                if tag is not None:
+                    channel.basic_cancel(tag, callback=self._on_cancelok)
         elif connection.is_open:
             self._finish_stop()
         else:  # still opening: closing aborts it, and _on_connection_open_error stops the loop
@@ -437,11 +465,14 @@ class Worker:
                 pass
 
     def _on_cancelok(self, frame) -> None:
-        self._consumer_tag = None
+        if frame.method.consumer_tag == self._idle_tag:
+            self._idle_tag = None
+        else:
+            self._consumer_tag = None
         self._maybe_finish_stop()
 
     def _maybe_finish_stop(self) -> None:
-        if self._stopping and self._consumer_tag is None and not self.acks.inflight:
+        if self._stopping and self._consumer_tag is None and self._idle_tag is None and not self.acks.inflight:
             self._finish_stop()
 
     def _finish_stop(self) -> None:

@@ -48,6 +48,13 @@ QUEUE_TYPES = ("quorum", "classic")
 RECONNECT_BASE = 0.5
 RECONNECT_CAP = 30.0
 
+#: The consumer priority of worker 0's idle consumer (prefetch 1), in a pool of several workers.
+#: The broker delivers to it first whenever it has no request unacknowledged, so that requests
+#: sent one at a time all reach one worker, warm, instead of alternating between idle workers
+#: (docs/server.md, "The idle consumer"); under load it is one more request in flight on worker 0.
+IDLE_PRIORITY = 10
+IDLE_PREFETCH = 1
+
 #: How long a graceful stop waits for in-flight computations before closing anyway.
 STOP_TIMEOUT = 30.0
 
@@ -80,6 +87,8 @@ class WorkerConfig:
     metrics: bool = False
     #: How the worker speaks AMQP on its hot path (WIRES).
     wire: str = "fast"
+    #: Workers in the pool. With more than one, worker 0 adds the idle consumer (IDLE_PRIORITY).
+    pool_workers: int = 1
 
     def queue_declaration(self) -> tuple[bool, dict[str, Any] | None]:
         """``(durable, arguments)`` for ``queue_declare``.
