@@ -7,6 +7,7 @@ import gmpy2
 MAX_N: int
 TABLE_MAX_N: int
 THREADS_MIN_N: int
+THREADS_NEVER: int
 
 def fib(n: SupportsIndex, threads: SupportsIndex = 1) -> gmpy2.mpz: ...
 def fib_encoded(

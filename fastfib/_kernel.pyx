@@ -323,9 +323,8 @@ cdef enum:
     # the calibration ladder); from it on, only at or above the threshold that
     # the calibration found on this machine (_threads_threshold).
     THREADS_MIN = 1 << 17
-    # The ladder's top rung, and the threshold when two threads won on no rung.
+    # The ladder's top rung.
     CAL_TOP_N = 1 << 21
-    CAL_NEVER_N = 1 << 22
     # The calibration stops measuring after this long (the rungs double in cost).
     CAL_BUDGET_NS = 60000000
     # Two threads win a rung when they take at most this percentage of one
@@ -339,6 +338,12 @@ cdef enum:
     SPIN_NS_PER_LIMB = 20
     # The helper's heartbeat is at most this old while it spins (it beats every 64 pauses).
     BEAT_FRESH_NS = 20000
+
+# The threshold when two threads won on no rung: above every n, so that threads >= 2 then
+# costs what one thread does at every size (ULONG_MAX itself means "being calibrated").
+cdef unsigned long CAL_NEVER_N = <unsigned long>-2
+#: What :func:`threads_min_n` returns when two threads won on no rung: they are never used.
+THREADS_NEVER = CAL_NEVER_N
 
 #: ``threads`` >= 2 is never used below this n; at or above it, only from the
 #: threshold calibrated on this machine (:func:`threads_min_n`).
@@ -774,8 +779,8 @@ def threads_min_n():
     call with ``threads`` >= 2 and n >= THREADS_MIN_N): F(n) is timed on one and
     on two threads at a few sizes, for at most about 60 ms, and two threads are
     used only from the size where they were measured at least 10% faster (on
-    two sizes in a row). If they won nowhere, the threshold is above every size
-    tried (2^22).
+    two sizes in a row). If they won nowhere, it is :data:`THREADS_NEVER`, above
+    every n: two threads are then never used in this process.
     """
     cdef unsigned long t
     while True:

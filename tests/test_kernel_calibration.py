@@ -18,7 +18,7 @@ import pytest
 from fastfib import _kernel, fib, fib_encoded
 
 LADDER = [2**17, 2**18, 2**19, 2**20, 2**21]
-NEVER = 2**22
+NEVER = _kernel.THREADS_NEVER
 
 
 def _rungs(ratios):
