@@ -431,17 +431,24 @@ def fastfib_serve_status() -> tuple[bool, str]:
     return True, ""
 
 
-def aio_status() -> tuple[bool, str]:
-    """(usable, why not): fastfib.aio.AsyncFibonacciRpcClient and aio-pika (the bench extra)."""
-    code = "import aio_pika; from fastfib.aio import AsyncFibonacciRpcClient as C; C.call"
+def _imports_in_subprocess(code: str, failed: str, broken: str) -> tuple[bool, str]:
+    """(usable, why not): ``code`` runs in a fresh interpreter; ``failed``/``broken`` start the reason."""
     try:
         p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return False, f"importing aio_pika and fastfib.aio failed: {exc}"
+        return False, f"{failed}: {exc}"
     if p.returncode != 0:
         last = (p.stderr.strip().splitlines() or ["?"])[-1]
-        return False, f"aio_pika or fastfib.aio.AsyncFibonacciRpcClient does not import (pip install .[bench]): {last}"
+        return False, f"{broken}: {last}"
     return True, ""
+
+
+def aio_status() -> tuple[bool, str]:
+    """(usable, why not): fastfib.aio.AsyncFibonacciRpcClient and aio-pika (the bench extra)."""
+    return _imports_in_subprocess(
+        "import aio_pika; from fastfib.aio import AsyncFibonacciRpcClient as C; C.call",
+        "importing aio_pika and fastfib.aio failed",
+        "aio_pika or fastfib.aio.AsyncFibonacciRpcClient does not import (pip install .[bench])")
 
 
 def kernel_ratios(quick: bool, log_dir: Path) -> dict:
@@ -459,15 +466,10 @@ def kernel_ratios(quick: bool, log_dir: Path) -> dict:
 
 def fastfib_client_status() -> tuple[bool, str]:
     """(usable, why not): fastfib.client.FibonacciRpcClient with call and call_many."""
-    code = "from fastfib.client import FibonacciRpcClient as C; C.call; C.call_many"
-    try:
-        p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return False, f"importing fastfib.client failed: {exc}"
-    if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or ["?"])[-1]
-        return False, f"fastfib.client.FibonacciRpcClient (call, call_many) does not import: {last}"
-    return True, ""
+    return _imports_in_subprocess(
+        "from fastfib.client import FibonacciRpcClient as C; C.call; C.call_many",
+        "importing fastfib.client failed",
+        "fastfib.client.FibonacciRpcClient (call, call_many) does not import")
 
 
 # --- the run -------------------------------------------------------------------------------
