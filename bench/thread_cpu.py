@@ -26,6 +26,8 @@ import pika
 import psutil
 
 from .common import DEFAULT_URL, ROOT
+from .compat_pool import delete_queue
+from .harness import broker_process
 
 BINARY = "application/octet-stream"
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
@@ -51,13 +53,6 @@ def _threads(pids: list[int]) -> dict[tuple[int, int, str], tuple[float, float]]
     return out
 
 
-def _broker_pid() -> int | None:
-    for p in psutil.process_iter(["name"]):
-        if p.info["name"] == "beam.smp":
-            return p.pid
-    return None
-
-
 def measure(url: str, queue: str, pids: list[int], window: int, seconds: float, seed: int) -> dict:
     """Keep ``window`` requests in flight on ``queue``; CPU per reply of ``pids``' threads over ``seconds``."""
     rng = random.Random(seed)
@@ -81,7 +76,8 @@ def measure(url: str, queue: str, pids: list[int], window: int, seconds: float, 
     end = time.monotonic() + 1.0
     while time.monotonic() < end:
         connection.process_data_events(0.1)
-    broker = _broker_pid()
+    beam = broker_process()
+    broker = beam.pid if beam is not None else None
     watched = pids + ([broker] if broker else [])
     before, n0, t0, me0 = _threads(watched), got[0], time.monotonic(), os.times()
     end = t0 + seconds
@@ -146,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
-        with pika.BlockingConnection(pika.URLParameters(args.url)) as c:
-            c.channel().queue_delete(queue)
+        delete_queue(queue, args.url)
     return 0
 
 
