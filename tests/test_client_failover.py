@@ -86,14 +86,19 @@ def test_lost_replies_are_resent_when_the_queue_is_empty(broker_url, queue, kind
     assert len(server.requests) >= 40
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_nacked_requests_are_resent(broker_url, queue, kind):
-    """A queue that rejects publishes beyond 2 waiting messages nacks them; each is sent again until taken."""
+def declare_full_queue(queue: str) -> None:
+    """A queue that holds 2 waiting messages and rejects (nacks) publishes beyond them."""
     conn = pika.BlockingConnection(pika.URLParameters(URL))
     try:
         conn.channel().queue_declare(queue, arguments={"x-max-length": 2, "x-overflow": "reject-publish"})
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nacked_requests_are_resent(broker_url, queue, kind):
+    """A queue that rejects publishes beyond 2 waiting messages nacks them; each is sent again until taken."""
+    declare_full_queue(queue)
     ns = list(range(20))
     with FixtureServer(queue, conformant_handler(), declare=False, prefetch=1, delay=0.005):
         results, counters, _ = call_many(kind, broker_url, queue, ns, window=20)
@@ -105,11 +110,7 @@ def test_nacked_requests_are_resent(broker_url, queue, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_without_confirms_a_dropped_request_is_only_noticed_at_its_timeout(broker_url, queue, kind):
     """The opposite of test_nacked_requests_are_resent: the same full queue, confirms=False."""
-    conn = pika.BlockingConnection(pika.URLParameters(URL))
-    try:
-        conn.channel().queue_declare(queue, arguments={"x-max-length": 2, "x-overflow": "reject-publish"})
-    finally:
-        conn.close()
+    declare_full_queue(queue)
     with FixtureServer(queue, conformant_handler(), declare=False, prefetch=1, delay=0.005):
         with pytest.raises(RpcTimeout):
             call_many(kind, broker_url, queue, range(20), window=20, timeout=3, confirms=False)

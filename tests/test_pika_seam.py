@@ -14,6 +14,7 @@ import uuid
 import pika.adapters.base_connection
 import pika.connection
 import pytest
+from _amqp_tables import nested_table
 from pika import frame, spec
 from pika.spec import BasicProperties
 
@@ -169,18 +170,10 @@ class FakeChannel:
         self.rejects.append((delivery_tag, requeue))
 
 
-def _nested_headers(depth: int) -> bytes:
-    inner = struct.pack(">I", 0)
-    for _ in range(depth):
-        entry = b"\x01aF" + inner
-        inner = struct.pack(">I", len(entry)) + entry
-    return inner
-
-
 def _undecodable_delivery(tag: int, reply_to: bytes | None, cid: bytes = b"bad") -> bytes:
     """A delivery whose headers are nested too deeply for any decoder; its frames are whole."""
     flags = 0x2000 | 0x0400 | (0x0200 if reply_to is not None else 0)
-    props = _nested_headers(3000) + bytes((len(cid),)) + cid
+    props = nested_table(3000) + bytes((len(cid),)) + cid
     if reply_to is not None:
         props += bytes((len(reply_to),)) + reply_to
     payload = struct.pack(">HxxQH", 60, 2, flags) + props

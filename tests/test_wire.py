@@ -13,6 +13,7 @@ import sys
 from datetime import datetime
 
 import pytest
+from _amqp_tables import nested_table
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pika import frame, spec
@@ -245,15 +246,6 @@ def test_tables_round_trip_through_pika(table):
     encoded = b"".join(ours)
     assert encoded == b"".join(theirs)
     assert wire.decode_table(encoded, 0) == pdata.decode_table(encoded, 0)
-
-
-def nested_table(depth: int) -> bytes:
-    """{"a": {"a": ... {} ...}}, ``depth`` tables deep, encoded by hand (pika's encoder would recurse)."""
-    inner = struct.pack(">I", 0)
-    for _ in range(depth):
-        entry = b"\x01aF" + inner
-        inner = struct.pack(">I", len(entry)) + entry
-    return inner
 
 
 @pytest.mark.parametrize("headers, error", [
