@@ -339,6 +339,9 @@ cdef enum:
     # The helper's heartbeat is at most this old while it spins (it beats every 64 pauses).
     BEAT_FRESH_NS = 20000
 
+cdef long long RECAL_FIRST_NS = 5000000000LL   # a "never" is measured again 5 s later,
+cdef long long RECAL_MAX_NS = 600000000000LL   # then 10 s, 20 s, ... at most 10 min apart
+
 # The threshold when two threads won on no rung: above every n, so that threads >= 2 then
 # costs what one thread does at every size (ULONG_MAX itself means "being calibrated").
 cdef unsigned long CAL_NEVER_N = <unsigned long>-2
@@ -659,7 +662,11 @@ mpz_init2(_scratch_out, 64)
 # 10%, or after CAL_BUDGET_NS. Other callers use one thread meanwhile: never a
 # wait. The threshold reflects the machine at that moment: a second core that
 # other processes take later makes threads=2 cost a few percent more (the
-# caller takes back the products the helper has not started).
+# caller takes back the products the helper has not started), and the backoff
+# below catches the rest. A calibration that found no win is not final: a
+# moment when the other core was taken would otherwise cost two threads for
+# the life of the process. The first eligible call RECAL_FIRST_NS later
+# measures again, and so on with the delay doubling up to RECAL_MAX_NS.
 # ---------------------------------------------------------------------------
 
 cdef extern from *:
@@ -670,10 +677,18 @@ cdef extern from *:
     static inline int fastfib_cas_int(int *p, int expected, int desired) {
         return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
     }
+    static inline unsigned long fastfib_load_ulong(unsigned long *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void fastfib_store_ulong(unsigned long *p, unsigned long v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline long long fastfib_load_when(long long *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void fastfib_store_when(long long *p, long long v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     """
     int fastfib_load_int(int *) nogil
     void fastfib_store_int(int *, int) nogil
     bint fastfib_cas_int(int *, int, int) nogil
+    unsigned long fastfib_load_ulong(unsigned long *) nogil
+    void fastfib_store_ulong(unsigned long *, unsigned long) nogil
+    long long fastfib_load_when(long long *) nogil
+    void fastfib_store_when(long long *, long long) nogil
     int getpid() nogil
 
 # _cal_done is set (release) after _threads_min is written. _cal_owner is the
@@ -687,6 +702,15 @@ cdef unsigned long _cal_n[CAL_MAX_RUNGS]
 cdef long long _cal_t1[CAL_MAX_RUNGS]
 cdef long long _cal_t2[CAL_MAX_RUNGS]
 cdef long long _cal_ns = 0
+cdef int _cal_runs = 0
+
+cdef long long LLONG_MAX_ = 0x7fffffffffffffffLL
+
+# A "never" decision is measured again at this CLOCK_MONOTONIC time (LLONG_MAX:
+# not at all), by the one thread (pid, as for _cal_owner) that claims _recal_owner.
+cdef long long _recal_at_ns = LLONG_MAX_
+cdef long long _recal_delay_ns = RECAL_FIRST_NS
+cdef int _recal_owner = 0
 
 
 cdef unsigned long _pick_threshold(int count, unsigned long *ns, long long *t1, long long *t2,
@@ -717,7 +741,10 @@ cdef long long _time_fib(unsigned long n, bint two, mpz_ptr out, mpz_ptr fk, mpz
 
 cdef unsigned long _calibrate() noexcept nogil:
     """Time one thread against two on the ladder (see above); returns the threshold."""
-    global _cal_count, _cal_ns
+    global _cal_count, _cal_ns, _cal_runs
+    cdef unsigned long rung_n[CAL_MAX_RUNGS]
+    cdef long long rung_t1[CAL_MAX_RUNGS]
+    cdef long long rung_t2[CAL_MAX_RUNGS]
     cdef mpz_t out, fk, fk1, a, b
     cdef mp_bitcnt_t bits = _work_bits(CAL_TOP_N)
     cdef unsigned long n = THREADS_MIN, found = 0
@@ -736,13 +763,13 @@ cdef unsigned long _calibrate() noexcept nogil:
                 x = min(x, _time_fib(n, False, out, fk, fk1, a, b))
             else:
                 y = min(y, _time_fib(n, True, out, fk, fk1, a, b))
-        _cal_n[i] = n
-        _cal_t1[i] = x
-        _cal_t2[i] = y
+        rung_n[i] = n
+        rung_t1[i] = x
+        rung_t2[i] = y
         i += 1
         n <<= 1
         ended = n > CAL_TOP_N or i == CAL_MAX_RUNGS
-        found = _pick_threshold(i, _cal_n, _cal_t1, _cal_t2, ended)
+        found = _pick_threshold(i, rung_n, rung_t1, rung_t2, ended)
         # The next rung costs about twice this one's six runs: out of time, an
         # undecided calibration keeps one thread below the ladder's top.
         if found == 0 and fastfib_now_ns() - start + 2 * 3 * (x + y) > CAL_BUDGET_NS:
@@ -752,24 +779,56 @@ cdef unsigned long _calibrate() noexcept nogil:
     mpz_clear(fk1)
     mpz_clear(a)
     mpz_clear(b)
+    for r in range(i):
+        _cal_n[r] = rung_n[r]
+        _cal_t1[r] = rung_t1[r]
+        _cal_t2[r] = rung_t2[r]
     _cal_count = i
     _cal_ns = fastfib_now_ns() - start
+    _cal_runs += 1
     return found
+
+
+cdef void _decide(unsigned long found) noexcept nogil:
+    """Publish a calibration's threshold; after a "never", schedule the next measurement."""
+    global _recal_delay_ns
+    fastfib_store_ulong(&_threads_min, found)
+    if found == CAL_NEVER_N:
+        fastfib_store_when(&_recal_at_ns, fastfib_now_ns() + _recal_delay_ns)
+        _recal_delay_ns = min(2 * _recal_delay_ns, RECAL_MAX_NS)
+    else:
+        fastfib_store_when(&_recal_at_ns, LLONG_MAX_)
+
+
+cdef unsigned long _recalibrate() noexcept nogil:
+    """Measure a "never" again once it is due; one thread does, the others go on with one thread."""
+    cdef unsigned long t = fastfib_load_ulong(&_threads_min)
+    cdef int owner, me
+    if t != CAL_NEVER_N or fastfib_now_ns() < fastfib_load_when(&_recal_at_ns):
+        return t
+    owner = fastfib_load_int(&_recal_owner)
+    me = getpid()
+    if owner == me or not fastfib_cas_int(&_recal_owner, owner, me):
+        return t
+    # Claimed; check again: the previous owner may have just measured and rescheduled.
+    if fastfib_load_ulong(&_threads_min) == CAL_NEVER_N and fastfib_now_ns() >= fastfib_load_when(&_recal_at_ns):
+        _decide(_calibrate())
+    fastfib_store_int(&_recal_owner, 0)
+    return fastfib_load_ulong(&_threads_min)
 
 
 cdef unsigned long _threads_threshold() noexcept nogil:
     """The calibrated threshold; calibrates on first use; -1 (never) while another thread calibrates."""
-    global _threads_min
     cdef int owner, me
     if fastfib_load_int(&_cal_done):
-        return _threads_min
+        return _recalibrate()
     owner = fastfib_load_int(&_cal_owner)
     me = getpid()
     if owner == me or not fastfib_cas_int(&_cal_owner, owner, me):
         return <unsigned long>-1
-    _threads_min = _calibrate()
+    _decide(_calibrate())
     fastfib_store_int(&_cal_done, 1)
-    return _threads_min
+    return fastfib_load_ulong(&_threads_min)
 
 
 def threads_min_n():
@@ -780,7 +839,8 @@ def threads_min_n():
     on two threads at a few sizes, for at most about 60 ms, and two threads are
     used only from the size where they were measured at least 10% faster (on
     two sizes in a row). If they won nowhere, it is :data:`THREADS_NEVER`, above
-    every n: two threads are then never used in this process.
+    every n: two threads are not used, and the first such call 5 s later
+    measures again (then 10 s, 20 s, ... at most 10 minutes apart).
     """
     cdef unsigned long t
     while True:
@@ -793,25 +853,35 @@ def threads_min_n():
 
 def threads_calibration():
     """What the calibration measured: ``None`` before it ran, else a dict with
-    ``threads_min_n``, ``ms`` and ``rungs`` (``n``, ``one_ns``, ``two_ns`` each:
-    the best of three timings of F(n) on one and on two threads)."""
+    ``threads_min_n``, ``ms`` and ``rungs`` of the latest calibration (``n``,
+    ``one_ns``, ``two_ns`` each: the best of three timings of F(n) on one and on
+    two threads), ``runs`` (how many calibrations this process made) and
+    ``retry_in_s`` (when a "never" is measured again; ``None``: not at all)."""
     if not fastfib_load_int(&_cal_done):
         return None
+    at = fastfib_load_when(&_recal_at_ns)
     return {
-        "threads_min_n": _threads_min,
+        "threads_min_n": fastfib_load_ulong(&_threads_min),
         "ms": _cal_ns / 1e6,
         "rungs": [{"n": _cal_n[i], "one_ns": _cal_t1[i], "two_ns": _cal_t2[i]} for i in range(_cal_count)],
+        "runs": _cal_runs,
+        "retry_in_s": None if at == LLONG_MAX_ else max(0.0, (at - fastfib_now_ns()) / 1e9),
     }
 
 
-def _set_threads_min_n(unsigned long n):
-    """Tests only: use ``n`` as the threshold (0: forget it, so that the next use calibrates)."""
-    global _threads_min, _cal_count
+def _set_threads_min_n(unsigned long n, double retry_in_s=-1.0):
+    """Tests only: use ``n`` as the threshold (0: forget it, so that the next use calibrates).
+
+    With ``retry_in_s`` >= 0, a "never" (:data:`THREADS_NEVER`) is measured again that many seconds later.
+    """
+    global _cal_count, _recal_delay_ns
+    _recal_delay_ns = RECAL_FIRST_NS
+    fastfib_store_when(&_recal_at_ns, LLONG_MAX_ if retry_in_s < 0 else fastfib_now_ns() + <long long>(retry_in_s * 1e9))
     if n == 0:
         fastfib_store_int(&_cal_done, 0)
         fastfib_store_int(&_cal_owner, 0)
         return
-    _threads_min = n
+    fastfib_store_ulong(&_threads_min, n)
     _cal_count = 0
     fastfib_store_int(&_cal_done, 1)
 

@@ -1,8 +1,8 @@
 """Where ``threads=2`` starts to use a second thread: calibrated once per process.
 
 Behaviour only (no timing assertions): the decision rule on given timings,
-the lazy one-time calibration, and that no helper thread starts below the
-threshold.
+the lazy one-time calibration, that a "never" is measured again later, and
+that no helper thread starts below the threshold.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def test_calibrates_lazily_once_per_process():
     # Three concurrent first callers: all right, and one calibration.
     assert out["results"] == [True, True, True]
     first = out["first"]
-    assert first is not None and first == out["second"]
+    assert first is not None and first == {**out["second"], "retry_in_s": first["retry_in_s"]}
+    assert first["runs"] == 1
     assert out["min_n"] == first["threads_min_n"]
     assert first["threads_min_n"] in LADDER + [NEVER]
     rungs = first["rungs"]
@@ -86,10 +87,54 @@ def test_calibrates_lazily_once_per_process():
     assert first["threads_min_n"] in (decided, NEVER)
 
 
+def test_a_found_threshold_is_final():
+    _kernel._set_threads_min_n(2**18, retry_in_s=0.0)
+    try:
+        runs = _kernel.threads_calibration()["runs"]
+        assert _kernel.threads_min_n() == 2**18
+        assert fib(2**18, threads=2) == gmpy2.fib(2**18)
+        assert _kernel.threads_calibration()["runs"] == runs
+    finally:
+        _kernel._set_threads_min_n(0)
+
+
+def test_never_is_kept_until_its_retry_is_due():
+    _kernel._set_threads_min_n(NEVER, retry_in_s=3600.0)
+    try:
+        runs = _kernel.threads_calibration()["runs"]
+        start = _kernel._helpers_started()
+        assert fib(2**20, threads=2) == gmpy2.fib(2**20)
+        assert _kernel.threads_min_n() == NEVER
+        assert _kernel._helpers_started() == start
+        cal = _kernel.threads_calibration()
+        assert cal["runs"] == runs and 3000 < cal["retry_in_s"] <= 3600
+    finally:
+        _kernel._set_threads_min_n(0)
+
+
+def test_a_due_never_is_measured_again_by_the_next_call():
+    _kernel._set_threads_min_n(NEVER, retry_in_s=0.0)
+    try:
+        runs = _kernel.threads_calibration()["runs"]
+        n = 2**20 + 1
+        assert fib(n, threads=2) == gmpy2.fib(n)  # the call that measures again is still right
+        cal = _kernel.threads_calibration()
+        assert cal["runs"] == runs + 1
+        assert cal["rungs"] and [r["n"] for r in cal["rungs"]] == LADDER[: len(cal["rungs"])]
+        assert _kernel.threads_min_n() == cal["threads_min_n"]
+        if cal["threads_min_n"] == NEVER:  # lost again: the next measurement is further away
+            assert 0 < cal["retry_in_s"] <= 5
+        else:
+            assert cal["retry_in_s"] is None
+    finally:
+        _kernel._set_threads_min_n(0)
+
+
 @pytest.fixture
 def threshold():
     t = 700_001
     _kernel._set_threads_min_n(t)
+    _kernel._reset_threads_backoff()  # an earlier threaded call may have left one
     yield t
     _kernel._set_threads_min_n(0)
 
