@@ -263,6 +263,22 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
+def _threshold_words(cal: dict) -> str:
+    t = cal.get("threads_min_n")
+    if t is None:
+        return "no calibration recorded"
+    if t >= 2**63:  # fastfib._kernel.THREADS_NEVER: two threads won on no rung
+        return "the calibration found no size where two threads won by 10 %, so threads=2 ran on one thread"
+    return f"calibrated threshold n ≥ {t}"
+
+
+def _recalibrations(end: dict | None) -> str:
+    """What the kernel measured again during the rounds (a "never" is measured again 5 s later, and so on)."""
+    if not end or end.get("runs", 1) <= 1:
+        return ""
+    return f"; measured again {end['runs'] - 1} time(s) during the rounds, the last time: {_threshold_words(end)}"
+
+
 def kernel_lines(kernel: dict | None) -> list[str]:
     """The kernel's own figures behind its targets."""
     if not kernel:
@@ -275,8 +291,8 @@ def kernel_lines(kernel: dict | None) -> list[str]:
              f"(quartiles {', '.join(f'{q:.3f}' for q in enc['quartiles']['binary_vs_gmpy2_fib'])}), "
              f"decimal / gmpy2.fib(n).digits() {enc['decimal_vs_gmpy2_digits']:.3f} "
              f"(quartiles {', '.join(f'{q:.3f}' for q in enc['quartiles']['decimal_vs_gmpy2_digits'])}).", "",
-             f"Two threads: calibrated threshold n ≥ {kernel.get('threads_min_n')} "
-             f"(calibration took {cal.get('ms', 0):.0f} ms). Cores kept busy by other processes: "
+             f"Two threads: {_threshold_words(cal)} (calibration took {cal.get('ms', 0):.0f} ms)"
+             f"{_recalibrations(kernel.get('threads_calibration_end'))}. Cores kept busy by other processes: "
              f"{kernel.get('busy_cpus_before')} before, {kernel.get('busy_cpus_after')} after.", "",
              "| n | rounds | threads=2 / threads=1 | control: threads=1 / threads=1 | threads=2 / gmpy2.fib |",
              "|---|---|---|---|---|"]

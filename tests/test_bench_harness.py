@@ -430,3 +430,24 @@ def test_a_wrong_reply_fails_the_run_and_the_servers_are_stopped(broker_url, tmp
         control.close()
     log = (tmp_path / "logs" / "server-gmpy2.log").read_text()
     assert "Traceback" not in log
+
+
+def _kernel_doc(threshold, end=None):
+    enc = {"repeats": 3, "binary_vs_gmpy2_fib": 1.0, "decimal_vs_gmpy2_digits": 1.0,
+           "quartiles": {"binary_vs_gmpy2_fib": [1, 1, 1], "decimal_vs_gmpy2_digits": [1, 1, 1]}}
+    cal = {"threads_min_n": threshold, "ms": 60.0, "rungs": [], "runs": 1, "retry_in_s": None}
+    return {"encoding": enc, "threads_min_n": threshold, "threads_calibration": cal,
+            "threads_calibration_end": end, "threads": []}
+
+
+def test_kernel_report_says_when_two_threads_were_not_used_and_measured_again():
+    from fastfib import _kernel
+
+    never = _kernel.THREADS_NEVER
+    text = "\n".join(report.kernel_lines(_kernel_doc(never)))
+    assert "found no size where two threads won" in text and str(never) not in text
+    assert "measured again" not in text
+    end = {"threads_min_n": 262144, "ms": 30.0, "rungs": [], "runs": 3, "retry_in_s": None}
+    text = "\n".join(report.kernel_lines(_kernel_doc(never, end)))
+    assert "measured again 2 time(s) during the rounds, the last time: calibrated threshold n ≥ 262144" in text
+    assert "calibrated threshold n ≥ 524288" in "\n".join(report.kernel_lines(_kernel_doc(524288)))
