@@ -148,6 +148,7 @@ def run(quick: bool, seed: int = 20261130) -> dict:
     out["threads"] = [measure_threads(n, per_n, seed, with_gmpy2=(n == BIG_N), min_rounds=min_rounds) for n in ns]
     # A "never" is measured again during the rounds (5 s later, then 10 s, ...): the state at the end.
     out["threads_calibration_end"] = _kernel.threads_calibration()
+    out["threads_adaptation"] = _kernel.threads_adaptation()  # what the size-by-size choice measured
     out["busy_cpus_after"] = busy_cpus()
     out["seconds"] = time.perf_counter() - t0
     return out

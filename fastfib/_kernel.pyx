@@ -309,7 +309,6 @@ cdef struct Helper:
     int quit
     int refs                # the caller's and the helper's: the last one out frees
     long long beat          # CLOCK_MONOTONIC ns, kept current while the helper spins
-    long long waited        # ns the caller spent waiting for the helper's products (caller only)
     mpz_ptr dst
     mpz_srcptr x
     mpz_srcptr y
@@ -429,7 +428,6 @@ cdef Helper *_helper_start() noexcept nogil:
     h.claimed = 1
     h.refs = 2
     h.beat = 0
-    h.waited = 0
     if fastfib_event_init(&h.go) != 0:
         free(h)
         return NULL
@@ -482,9 +480,7 @@ cdef inline void _mul2(Helper *h, mpz_ptr d1, mpz_srcptr x1, mpz_srcptr y1,
     if fastfib_claim(&h.claimed):
         mpz_mul(d2, x2, y2)
     else:
-        t0 = fastfib_now_ns()
         fastfib_event_wait(&h.done, SPIN_NS + SPIN_NS_PER_LIMB * <long long>mpz_size(x1), NULL)
-        h.waited += fastfib_now_ns() - t0
 
 
 cdef void _mul_split(Helper *h, mpz_ptr out, mpz_srcptr x, mpz_srcptr y, mpz_ptr tmp) noexcept nogil:
@@ -522,12 +518,13 @@ cdef int fib_into(mpz_ptr out, unsigned long n, int threads=1) except -1 nogil:
     # Sized up front for the largest intermediate (F[n/2] has about 0.347 n
     # bits, its square twice that), so GMP never reallocates mid-way.
     bits = _work_bits(n)
-    cdef long long t0, c0, wall, off_cpu
-    # If the system refuses a thread, the same result is computed on this one.
-    if threads >= 2 and n >= THREADS_MIN and n >= _threads_threshold() and not fastfib_backoff_take(&_backoff_left):
-        h = _helper_start()
-    t0 = fastfib_now_ns()
-    c0 = fastfib_thread_cpu_ns()
+    cdef long long start = 0
+    if n >= THREADS_MIN:
+        start = fastfib_now_ns()
+        # If the system refuses a thread, the same result is computed on this one.
+        if threads >= 2:
+            if _adapt_two(n, n >= _threads_threshold()):
+                h = _helper_start()
     if n <= SCRATCH_MAX_N and fastfib_take(&_scratch_busy):
         _reserve(_scratch_fk, bits)
         _reserve(_scratch_fk1, bits)
@@ -546,77 +543,154 @@ cdef int fib_into(mpz_ptr out, unsigned long n, int threads=1) except -1 nogil:
         mpz_clear(a)
         mpz_clear(b)
     if h != NULL:
-        wall = fastfib_now_ns() - t0
-        off_cpu = wall - (fastfib_thread_cpu_ns() - c0)
-        _judge_helper(max(h.waited, off_cpu), wall)
         _helper_stop(h)
+    if start:
+        _adapt_record(n, h != NULL, fastfib_now_ns() - start)
     return 0
 
 
 # ---------------------------------------------------------------------------
-# Backing off when the second core is taken.
+# Two threads where they are measured faster, size by size, as the process runs.
 #
-# The calibration measures the machine once; other processes may take the
-# second core later. Then the helper, descheduled in the middle of a product,
-# makes the caller wait, and threads=2 becomes slower than threads=1 (measured
-# 1.1-1.4x with both cores busy with other work). So each threaded call
-# measures how long the caller waited for the helper, and how long the caller
-# itself was off a CPU (wall minus its thread CPU time: no idle core for it
-# either): past STARVED_PCT of the call for either, the next calls eligible
-# for two threads run on one (BACKOFF_MIN calls,
-# doubling up to BACKOFF_MAX while it goes on), and then two threads are tried
-# again. Under sustained load at most one call in BACKOFF_MIN + 1 (then fewer)
-# pays, and that one at most the wait measured.
+# What two threads save varied from minute to minute on the same idle VM (the
+# calibration's rungs went from 0.66 to 1.2 of one thread's time, and a full
+# benchmark run found them 6-7 % slower at 10^6 and 2*10^6 minutes after its
+# calibration had found them faster from 2^18 on: docs/kernel.md). So every
+# call with n >= THREADS_MIN_N is timed (wall clock, helper start included)
+# and kept, per power of two of n, as a moving average of its cost per unit of
+# n, for one thread and for two. Calls with threads=1 feed the one-thread side.
+# A threads >= 2 call uses two threads when their average is at most
+# ADAPT_WIN_PCT % of one thread's; until both sides have ADAPT_MIN_SAMPLES,
+# the calibrated threshold decides. To keep both averages current, the first
+# calls of a size alternate (unless the side not preferred has its samples
+# already, as one thread has from threads=1 calls); after that a call takes the other side
+# ADAPT_EXPLORE calls after the preference was set, then 2x, 4x ... that gap
+# later, up to ADAPT_EXPLORE_MAX calls apart, for as long as the preference
+# holds (at 2^17, two threads cost 1.7x one on that VM: exploring one call in
+# 8 there cost 1-3 % on the median). A change of preference starts over.
+# This replaced a backoff that ran the next 8-256 calls on one thread after a
+# call whose helper was starved (it waited for it, or was itself off a CPU,
+# more than 20 % of the call): on the VM of docs/kernel.md two threads were
+# 9 % faster at 2*10^6 while their helper was "starved" in most calls, and a
+# backoff started at one size kept two threads from every other.
 # ---------------------------------------------------------------------------
+
+cdef enum:
+    ADAPT_FIRST_BUCKET = 17        # log2(THREADS_MIN)
+    ADAPT_BUCKETS = 14             # 2^17 .. 2^30 (MAX_N is below 2^30)
+    ADAPT_MIN_SAMPLES = 2
+    ADAPT_EXPLORE = 8
+    ADAPT_EXPLORE_MAX = 256
+    ADAPT_WIN_PCT = 97
+    ADAPT_WEIGHT_SHIFT = 2         # the newest call weighs 1/4
 
 cdef extern from *:
     """
-    #include <time.h>
-    static inline long long fastfib_thread_cpu_ns(void) {
-        struct timespec t;
-        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-        return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
-    }
-    static inline int fastfib_backoff_take(int *left) {
-        int v = __atomic_load_n(left, __ATOMIC_RELAXED);
-        while (v > 0)
-            if (__atomic_compare_exchange_n(left, &v, v - 1, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
-                return 1;
-        return 0;
-    }
+    static inline long long fastfib_relaxed_load(long long *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    static inline void fastfib_relaxed_store(long long *p, long long v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+    static inline long long fastfib_relaxed_add(long long *p, long long v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+    static inline int fastfib_log2(unsigned long n) { return 63 - __builtin_clzl(n); }
     """
-    bint fastfib_backoff_take(int *) nogil
-    long long fastfib_thread_cpu_ns() nogil
+    int fastfib_log2(unsigned long) nogil
+    long long fastfib_relaxed_load(long long *) nogil
+    void fastfib_relaxed_store(long long *, long long) nogil
+    long long fastfib_relaxed_add(long long *, long long) nogil
 
-cdef enum:
-    STARVED_PCT = 20
-    BACKOFF_MIN = 8
-    BACKOFF_MAX = 256
+# Per bucket: [one thread, two threads] cost (ns * 4096 / n, a moving average) and sample counts,
+# and the threads >= 2 calls seen. Updates from concurrent calls may be lost: each is a hint.
+cdef long long _adapt_cost[ADAPT_BUCKETS][2]
+cdef long long _adapt_samples[ADAPT_BUCKETS][2]
+cdef long long _adapt_calls[ADAPT_BUCKETS]
+cdef long long _adapt_pref[ADAPT_BUCKETS]      # the last preference + 1 (0: none yet)
+cdef long long _adapt_gap[ADAPT_BUCKETS]       # calls between explorations
+cdef long long _adapt_next[ADAPT_BUCKETS]      # the call count of the next exploration
+cdef int _adapt_on = 1
 
-cdef int _backoff_left = 0
-cdef int _backoff_next = BACKOFF_MIN
+
+cdef inline int _adapt_bucket(unsigned long n) noexcept nogil:
+    cdef int b = fastfib_log2(n) - ADAPT_FIRST_BUCKET
+    return min(max(b, 0), ADAPT_BUCKETS - 1)
 
 
-cdef void _judge_helper(long long waited, long long total) noexcept nogil:
-    global _backoff_next
-    cdef int next_
-    if waited * 100 > total * STARVED_PCT:
-        next_ = fastfib_load_int(&_backoff_next)
-        fastfib_store_int(&_backoff_left, next_)
-        fastfib_store_int(&_backoff_next, min(2 * next_, BACKOFF_MAX))
+cdef bint _adapt_two(unsigned long n, bint prior) noexcept nogil:
+    """Whether a threads >= 2 call of this n runs on two threads (``prior``: the calibration's answer)."""
+    cdef int b
+    cdef long long calls, one, two, gap
+    cdef bint prefer, explore = False
+    if not fastfib_load_int(&_adapt_on):
+        return prior
+    b = _adapt_bucket(n)
+    calls = fastfib_relaxed_add(&_adapt_calls[b], 1)
+    if (fastfib_relaxed_load(&_adapt_samples[b][0]) >= ADAPT_MIN_SAMPLES
+            and fastfib_relaxed_load(&_adapt_samples[b][1]) >= ADAPT_MIN_SAMPLES):
+        one = fastfib_relaxed_load(&_adapt_cost[b][0])
+        two = fastfib_relaxed_load(&_adapt_cost[b][1])
+        prefer = two * 100 <= one * ADAPT_WIN_PCT
     else:
-        fastfib_store_int(&_backoff_next, BACKOFF_MIN)
+        prefer = prior
+    if calls < 2 * ADAPT_MIN_SAMPLES:
+        # threads=1 calls may already have measured one thread: then it need not be tried
+        explore = calls % 2 == 1 and fastfib_relaxed_load(&_adapt_samples[b][not prefer]) < ADAPT_MIN_SAMPLES
+    elif fastfib_relaxed_load(&_adapt_pref[b]) != prefer + 1:
+        fastfib_relaxed_store(&_adapt_pref[b], prefer + 1)
+        fastfib_relaxed_store(&_adapt_gap[b], ADAPT_EXPLORE)
+        fastfib_relaxed_store(&_adapt_next[b], calls + ADAPT_EXPLORE)
+    elif calls >= fastfib_relaxed_load(&_adapt_next[b]):
+        gap = min(2 * fastfib_relaxed_load(&_adapt_gap[b]), ADAPT_EXPLORE_MAX)
+        fastfib_relaxed_store(&_adapt_gap[b], gap)
+        fastfib_relaxed_store(&_adapt_next[b], calls + gap)
+        explore = True
+    return prefer != explore
 
 
-def _threads_backoff():
-    """Tests only: (calls left to run on one thread, the next backoff length)."""
-    return fastfib_load_int(&_backoff_left), fastfib_load_int(&_backoff_next)
+cdef void _adapt_record(unsigned long n, bint two, long long wall_ns) noexcept nogil:
+    cdef int b = _adapt_bucket(n)
+    cdef long long cost = wall_ns * 4096 // <long long>n, old
+    if fastfib_relaxed_add(&_adapt_samples[b][two], 1) == 0:
+        fastfib_relaxed_store(&_adapt_cost[b][two], cost)
+    else:
+        old = fastfib_relaxed_load(&_adapt_cost[b][two])
+        fastfib_relaxed_store(&_adapt_cost[b][two], old + ((cost - old) >> ADAPT_WEIGHT_SHIFT))
 
 
-def _reset_threads_backoff():
-    """Tests only: no backoff."""
-    fastfib_store_int(&_backoff_left, 0)
-    fastfib_store_int(&_backoff_next, BACKOFF_MIN)
+def threads_adaptation():
+    """Per power of two of n (from THREADS_MIN_N): what the kernel measured of one and two threads.
+
+    A list of dicts: ``n_from``, ``one_cost`` and ``two_cost`` (moving averages of ns * 4096 / n;
+    None before a sample), ``one_samples``, ``two_samples`` and ``calls`` (threads >= 2 calls).
+    """
+    out = []
+    for b in range(ADAPT_BUCKETS):
+        k1, k2 = _adapt_samples[b][0], _adapt_samples[b][1]
+        if k1 or k2 or _adapt_calls[b]:
+            out.append({"n_from": 1 << (b + ADAPT_FIRST_BUCKET),
+                        "one_cost": _adapt_cost[b][0] if k1 else None, "two_cost": _adapt_cost[b][1] if k2 else None,
+                        "one_samples": k1, "two_samples": k2, "calls": _adapt_calls[b]})
+    return out
+
+
+def _set_adaptation(bint on, bint forget=True):
+    """Tests only: turn the size-by-size choice off (the calibrated threshold alone decides) or on;
+    ``forget`` drops what was measured."""
+    cdef int b
+    fastfib_store_int(&_adapt_on, on)
+    if forget:
+        for b in range(ADAPT_BUCKETS):
+            for k in range(2):
+                fastfib_relaxed_store(&_adapt_cost[b][k], 0)
+                fastfib_relaxed_store(&_adapt_samples[b][k], 0)
+            fastfib_relaxed_store(&_adapt_calls[b], 0)
+            fastfib_relaxed_store(&_adapt_pref[b], 0)
+
+
+def _adapt_feed(unsigned long n, bint two, long long wall_ns):
+    """Tests only: record a call of this n on one or two threads that took ``wall_ns``."""
+    _adapt_record(n, two, wall_ns)
+
+
+def _adapt_choice(unsigned long n, bint prior):
+    """Tests only: whether the next threads >= 2 call of this n runs on two threads (and count it as one)."""
+    return _adapt_two(n, prior)
 
 
 cdef inline mp_bitcnt_t _work_bits(unsigned long n) noexcept nogil:
@@ -662,8 +736,8 @@ mpz_init2(_scratch_out, 64)
 # 10%, or after CAL_BUDGET_NS. Other callers use one thread meanwhile: never a
 # wait. The threshold reflects the machine at that moment: a second core that
 # other processes take later makes threads=2 cost a few percent more (the
-# caller takes back the products the helper has not started), and the backoff
-# below catches the rest. A calibration that found no win is not final: a
+# caller takes back the products the helper has not started), and the
+# size-by-size averages above take over. A calibration that found no win is not final: a
 # moment when the other core was taken would otherwise cost two threads for
 # the life of the process. The first eligible call RECAL_FIRST_NS later
 # measures again, and so on with the delay doubling up to RECAL_MAX_NS.

@@ -89,13 +89,15 @@ def test_calibrates_lazily_once_per_process():
 
 @pytest.fixture
 def forced():
-    """``forced(n, retry_in_s)`` makes ``n`` the threshold as if a calibration had found it; returns the runs so far."""
+    """``forced(n, retry_in_s)`` makes ``n`` the threshold as if a calibration had found it, the only
+    judge (no size-by-size choice, see the tests below); returns the calibrations run so far."""
     def force(n: int, retry_in_s: float = -1.0) -> int:
         _kernel._set_threads_min_n(n, retry_in_s=retry_in_s)
-        _kernel._reset_threads_backoff()
+        _kernel._set_adaptation(False)
         return _kernel.threads_calibration()["runs"]
     yield force
     _kernel._set_threads_min_n(0)
+    _kernel._set_adaptation(True)
 
 
 def test_a_found_threshold_is_final(forced):
@@ -131,7 +133,7 @@ def test_a_due_never_is_measured_again_by_the_next_call(forced):
 
 @pytest.fixture
 def threshold(forced):
-    forced(700_001)  # and no backoff that an earlier threaded call may have left
+    forced(700_001)
     return 700_001
 
 
@@ -167,53 +169,115 @@ def test_threads_min_n_waits_for_a_calibration_in_progress():
     assert len(set(got)) == 1 and got[0] == _kernel.threads_calibration()["threads_min_n"]
 
 
+# The size-by-size choice: decisions on fed timings (no wall-clock assertions).
+
+N = 2**20  # one bucket: n in [2^20, 2^21)
+EXPLORED = (1, 3, 12, 28)  # the first calls alternate; then 8 calls after the preference is set (call 4), 16, 32 ...
+LATER = (12, 28)  # the same when the side not preferred was measured already
+
+
+@pytest.fixture
+def adapting():
+    _kernel._set_adaptation(True, forget=True)
+    yield
+    _kernel._set_adaptation(True, forget=True)
+
+
+def _feed(two: bool, *walls_ms: float) -> None:
+    for ms in walls_ms:
+        _kernel._adapt_feed(N, two, int(ms * 1e6))
+
+
+def _choices(prior: bool, calls: int = 29) -> list[bool]:
+    """Whether each call uses two threads."""
+    return [_kernel._adapt_choice(N + 5, prior) for _ in range(calls)]
+
+
+def test_without_measurements_the_calibration_decides(adapting):
+    assert _choices(True) == [c not in EXPLORED for c in range(29)]
+    _kernel._set_adaptation(True, forget=True)
+    assert _choices(False) == [c in EXPLORED for c in range(29)]
+
+
+def test_two_threads_where_they_measured_faster(adapting):
+    _feed(False, 10, 10)
+    _feed(True, 7, 7)
+    assert _choices(prior=False) == [c not in LATER for c in range(29)]
+
+
+def test_threads_1_calls_spare_the_first_calls_a_one_thread_trial(adapting):
+    _feed(False, 10, 10)  # as threads=1 calls do
+    assert _choices(prior=True) == [c not in LATER for c in range(29)]
+
+
+def test_one_thread_where_two_measured_slower_whatever_the_calibration(adapting):
+    _feed(False, 10, 10)
+    _feed(True, 11, 11)
+    assert _choices(prior=True) == [c in LATER for c in range(29)]
+    _kernel._set_adaptation(True, forget=True)
+    _feed(False, 10, 10)
+    _feed(True, 9.8, 9.8)  # 2 % faster is within the noise: one thread
+    assert _choices(prior=True) == [c in LATER for c in range(29)]
+
+
+def test_a_change_of_the_machine_is_followed(adapting):
+    _feed(False, 10, 10)
+    _feed(True, 7, 7)
+    assert _kernel._adapt_choice(N, False) is True
+    _feed(True, 20, 20, 20)  # the second core got slow: the moving average crosses one thread's
+    # one thread now; the first calls do not alternate, as two threads have their samples
+    assert [_kernel._adapt_choice(N, False) for _ in range(12)] == [False] * 11 + [True]  # call 12 explores
+    costs = {b["n_from"]: b for b in _kernel.threads_adaptation()}[N]
+    assert costs["two_cost"] > costs["one_cost"] and costs["two_samples"] == 5 and costs["one_samples"] == 2
+
+
+def test_calls_feed_the_measurements(adapting):
+    n = 2**18 + 3
+    _kernel._set_threads_min_n(NEVER)  # the calibration says one thread: calls 1 and 3 explore two
+    try:
+        assert fib(n, threads=1) == gmpy2.fib(n)
+        assert fib(n - 1) == gmpy2.fib(n - 1)
+        assert fib(_kernel.THREADS_MIN_N - 1, threads=2) == gmpy2.fib(_kernel.THREADS_MIN_N - 1)  # below: not kept
+        (bucket,) = _kernel.threads_adaptation()
+        assert bucket["n_from"] == 2**18 and bucket["one_samples"] == 2 and bucket["one_cost"] > 0
+        assert bucket["two_samples"] == 0 and bucket["calls"] == 0
+        start = _kernel._helpers_started()
+        for _ in range(4):
+            assert fib(n, threads=2) == gmpy2.fib(n)
+        (bucket,) = _kernel.threads_adaptation()
+        assert bucket["calls"] == 4 and bucket["one_samples"] == 4 and bucket["two_samples"] == 2
+        assert _kernel._helpers_started() == start + 2
+    finally:
+        _kernel._set_threads_min_n(0)
+
+
 @pytest.fixture
 def stalled_helper():
     """A helper that, once it has claimed a product, sleeps as if its core had been taken away."""
-    _kernel._set_threads_min_n(600_000)
-    _kernel._reset_threads_backoff()
     _kernel._set_helper_stall(50_000_000)
     yield
     _kernel._set_helper_stall(0)
-    _kernel._reset_threads_backoff()
-    _kernel._set_threads_min_n(0)
 
 
-def test_a_starved_helper_makes_the_next_calls_use_one_thread(stalled_helper):
-    n = 4 * 10**6
-    want = gmpy2.fib(n)
-    # The helper must have claimed at least one product for the caller to wait on it:
-    # on a busy machine it may not be scheduled in time, so allow a few calls.
-    for _ in range(5):
-        assert fib(n, threads=2) == want
-        left, following = _kernel._threads_backoff()
-        if left:
-            break
-    assert (left, following) == (8, 16)
-    _kernel._set_helper_stall(0)
-    start = _kernel._helpers_started()
-    for i in range(8):  # backing off: one thread, no helper started
-        assert fib(n + i, threads=2) == gmpy2.fib(n + i)
-    assert _kernel._helpers_started() == start
-    assert _kernel._threads_backoff()[0] == 0
-    assert fib(n, threads=2) == want  # then two threads are tried again
-    assert _kernel._helpers_started() == start + 1
-
-
-def test_backoff_doubles_while_the_helper_stays_starved(stalled_helper):
-    n = 4 * 10**6
-    lengths = []
-    for _ in range(40):
-        fib(n, threads=2)
-        left, following = _kernel._threads_backoff()
-        if not left:
-            # The helper was not scheduled in time to claim a product, so the caller did
-            # all the work and was not starved: the doubling starts over, as it should.
-            lengths = []
-            continue
-        lengths.append(left)
-        for _ in range(left):  # serve the backoff out
-            fib(n, threads=2)
-        if len(lengths) == 2:
-            break
-    assert lengths == [8, 16]
+def test_a_starved_helper_makes_the_next_calls_use_one_thread(adapting, stalled_helper):
+    # The calibration says two threads; each threaded call then takes at least the 50 ms stall,
+    # several times what F(4*10^6) takes on one thread (about 10-20 ms here).
+    _kernel._set_threads_min_n(2**17)
+    try:
+        n = 4 * 10**6
+        want = gmpy2.fib(n)
+        start = _kernel._helpers_started()
+        for _ in range(4):  # two threads, one, two, one: both sides measured
+            assert fib(n, threads=2) == want
+        assert _kernel._helpers_started() == start + 2
+        for _ in range(3):  # calls 4-6: one thread, as measured
+            assert fib(n, threads=2) == want
+        assert _kernel._helpers_started() == start + 2
+        _kernel._set_helper_stall(0)
+        for _ in range(5):  # calls 7-11
+            assert fib(n, threads=2) == want
+        assert _kernel._helpers_started() == start + 2
+        assert fib(n, threads=2) == want  # call 12, 8 after the preference was set, tries two threads again
+        assert _kernel._helpers_started() == start + 3
+    finally:
+        _kernel._set_threads_min_n(0)

@@ -23,18 +23,19 @@ import pytest
 import fastfib
 from fastfib import _kernel, fib, fib_encoded
 
-# The threshold is calibrated per process (tests/test_kernel_calibration.py);
-# here it is pinned, so that the threaded paths run at known n.
+# The threshold is calibrated per process, and the choice is then made size by
+# size from what calls measure (tests/test_kernel_calibration.py); here the
+# threshold alone decides, pinned, so that the threaded paths run at known n.
 THREADS_MIN_N = 600_000
 
 
 @pytest.fixture(autouse=True)
 def pinned_threshold():
     _kernel._set_threads_min_n(THREADS_MIN_N)
-    _kernel._reset_threads_backoff()
+    _kernel._set_adaptation(False)
     yield
     _kernel._set_threads_min_n(0)
-    _kernel._reset_threads_backoff()
+    _kernel._set_adaptation(True)
 
 
 def _task_count() -> int:
