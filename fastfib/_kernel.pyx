@@ -552,27 +552,19 @@ cdef int fib_into(mpz_ptr out, unsigned long n, int threads=1) except -1 nogil:
 # ---------------------------------------------------------------------------
 # Two threads where they are measured faster, size by size, as the process runs.
 #
-# What two threads save varied from minute to minute on the same idle VM (the
-# calibration's rungs went from 0.66 to 1.2 of one thread's time, and a full
-# benchmark run found them 6-7 % slower at 10^6 and 2*10^6 minutes after its
-# calibration had found them faster from 2^18 on: docs/kernel.md). So every
-# call with n >= THREADS_MIN_N is timed (wall clock, helper start included)
-# and kept, per power of two of n, as a moving average of its cost per unit of
-# n, for one thread and for two. Calls with threads=1 feed the one-thread side.
-# A threads >= 2 call uses two threads when their average is at most
-# ADAPT_WIN_PCT % of one thread's; until both sides have ADAPT_MIN_SAMPLES,
-# the calibrated threshold decides. To keep both averages current, the first
-# calls of a size alternate (unless the side not preferred has its samples
-# already, as one thread has from threads=1 calls); after that a call takes the other side
-# ADAPT_EXPLORE calls after the preference was set, then 2x, 4x ... that gap
-# later, up to ADAPT_EXPLORE_MAX calls apart, for as long as the preference
-# holds (at 2^17, two threads cost 1.7x one on that VM: exploring one call in
-# 8 there cost 1-3 % on the median). A change of preference starts over.
-# This replaced a backoff that ran the next 8-256 calls on one thread after a
-# call whose helper was starved (it waited for it, or was itself off a CPU,
-# more than 20 % of the call): on the VM of docs/kernel.md two threads were
-# 9 % faster at 2*10^6 while their helper was "starved" in most calls, and a
-# backoff started at one size kept two threads from every other.
+# What two threads save can change within minutes on the same machine
+# (docs/kernel.md), so every call with n >= THREADS_MIN_N is timed (wall
+# clock, helper start included) and kept, per power of two of n, as a moving
+# average of its cost per unit of n, for one thread and for two; threads=1
+# calls feed the one-thread side. A threads >= 2 call uses two threads when
+# their average is at most ADAPT_WIN_PCT % of one thread's; until both sides
+# have ADAPT_MIN_SAMPLES, the calibrated threshold decides. To keep both
+# averages current, the first calls of a size alternate (unless the side not
+# preferred has its samples already); after that a call takes the other side
+# ADAPT_EXPLORE calls after the preference was set, then twice, four times ...
+# that gap later, up to ADAPT_EXPLORE_MAX calls apart, for as long as the
+# preference holds: a side that loses by a lot costs little. A change of
+# preference starts over.
 # ---------------------------------------------------------------------------
 
 cdef enum:
@@ -906,15 +898,17 @@ cdef unsigned long _threads_threshold() noexcept nogil:
 
 
 def threads_min_n():
-    """The smallest n for which ``threads`` >= 2 uses a second thread in this process.
+    """The calibrated threshold: from this n on, ``threads`` >= 2 starts out with a second thread.
 
     Calibrated on first use (by this call, or by the first ``fib``/``fib_encoded``
     call with ``threads`` >= 2 and n >= THREADS_MIN_N): F(n) is timed on one and
     on two threads at a few sizes, for at most about 60 ms, and two threads are
     used only from the size where they were measured at least 10% faster (on
     two sizes in a row). If they won nowhere, it is :data:`THREADS_NEVER`, above
-    every n: two threads are not used, and the first such call 5 s later
-    measures again (then 10 s, 20 s, ... at most 10 minutes apart).
+    every n, and the first such call 5 s later measures again (then 10 s,
+    20 s, ... at most 10 minutes apart). The threshold is where the choice
+    starts: once calls of a size have measured both, they decide
+    (:func:`threads_adaptation`).
     """
     cdef unsigned long t
     while True:
@@ -1117,12 +1111,12 @@ def fib(n, threads=1):
     """F(n) as a ``gmpy2.mpz``, for 0 <= n <= MAX_N.
 
     ``threads`` >= 2 computes a large F(n) on two threads, the calling one and
-    a helper, from the size where two threads were measured faster on this
-    machine (:func:`threads_min_n`, calibrated at the first such call); more
-    than two are accepted and mean two. Below that size it is the one-thread
-    computation; on a machine whose other core is busy it costs about what
-    ``threads=1`` does. TypeError if ``threads`` is not an integer,
-    ValueError if it is below 1.
+    a helper, at the sizes where two threads were measured faster in this
+    process: first from the threshold calibrated at the first such call
+    (:func:`threads_min_n`), then from what the calls of each size took
+    (:func:`threads_adaptation`). More than two are accepted and mean two.
+    Elsewhere it is the one-thread computation. TypeError if ``threads`` is
+    not an integer, ValueError if it is below 1.
     """
     cdef unsigned long un = _check_n(n)
     cdef int t = _threads_of(threads)
