@@ -38,6 +38,13 @@ def _cpu(proc: subprocess.Popen) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in [top, *top.children(recursive=True)])
 
 
+def _knows_queue_type(checkout: Path) -> bool:
+    """Whether that checkout's ``fastfib serve`` takes ``--queue-type``."""
+    p = subprocess.run([sys.executable, "-m", "fastfib", "serve", "--help"], cwd=checkout, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=str(checkout)), timeout=60)
+    return "--queue-type" in p.stdout
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench.ab_seq", description=__doc__.splitlines()[0])
     parser.add_argument("--other", type=Path, required=True, help="the other checkout (kernel built in place)")
@@ -50,11 +57,14 @@ def main(argv: list[str] | None = None) -> dict:
     serve = [sys.executable, "-m", "fastfib", "serve", "--workers", str(args.workers), "--url", args.url,
              "--log-level", "warning"]
     # The older checkout may not know --queue-type/--no-queue-durable: it declares the tutorial's queue by
-    # default, and this one is told to declare the same kind.
+    # default, and this one is told to declare the same kind. A checkout that does know them (this one
+    # again, or a newer one: its serve --help lists them) is told the same, or it would serve a quorum queue.
+    tutorial_queue = ["--queue-type", "classic", "--no-queue-durable"]
+    other = args.other.resolve()
     sides = {
         "echo": ([sys.executable, "-m", "bench.servers", "echo", "--url", args.url], ROOT, []),
-        "other": (serve, args.other.resolve(), []),
-        "this": (serve, ROOT, ["--queue-type", "classic", "--no-queue-durable"]),
+        "other": (serve, other, tutorial_queue if _knows_queue_type(other) else []),
+        "this": (serve, ROOT, tutorial_queue),
     }
     queues = {name: f"bench.ab.{tag}.{name}" for name in sides}
     procs = {name: _start([*argv_, "--queue", queues[name], *extra], cwd) for name, (argv_, cwd, extra) in sides.items()}

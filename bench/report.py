@@ -118,7 +118,7 @@ def _kernel_targets(kernel: dict | None) -> list[dict]:
          "calibrated threshold) the median ratio is at most 1.02 (two identical runs differ by up to ~2% here: see the control)",
          worst["t2_vs_t1"] if worst else None, "<=", 1.02,
          None if not worst else f"worst at n={worst['n']}; control {worst['control_t1_vs_t1']:.3f}; "
-         f"threshold {kernel.get('threads_min_n')}"),
+         f"calibrated threshold {_threshold_n(kernel.get('threads_min_n'))}"),
         ("threads-10M", "fib(10^7, threads=2) takes at most 0.75× the time of gmpy2.fib(10^7)",
          big["t2_vs_gmpy2"] if big else None, "<=", 0.75, None),
     ]
@@ -263,12 +263,19 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
+def _threshold_n(t: int | None) -> str:
+    if t is None:
+        return "not recorded"
+    return "none (no win)" if t >= 2**63 else str(t)  # >= 2**63: fastfib._kernel.THREADS_NEVER
+
+
 def _threshold_words(cal: dict) -> str:
     t = cal.get("threads_min_n")
     if t is None:
         return "no calibration recorded"
-    if t >= 2**63:  # fastfib._kernel.THREADS_NEVER: two threads won on no rung
-        return "the calibration found no size where two threads won by 10 %, so threads=2 ran on one thread"
+    if t >= 2**63:
+        return ("the calibration found no size where two threads won by 10 %, so threads=2 started on one "
+                "thread at every size")
     return f"calibrated threshold n ≥ {t}"
 
 
@@ -292,7 +299,8 @@ def kernel_lines(kernel: dict | None) -> list[str]:
              f"decimal / gmpy2.fib(n).digits() {enc['decimal_vs_gmpy2_digits']:.3f} "
              f"(quartiles {', '.join(f'{q:.3f}' for q in enc['quartiles']['decimal_vs_gmpy2_digits'])}).", "",
              f"Two threads: {_threshold_words(cal)} (calibration took {cal.get('ms', 0):.0f} ms)"
-             f"{_recalibrations(kernel.get('threads_calibration_end'))}. Cores kept busy by other processes: "
+             f"{_recalibrations(kernel.get('threads_calibration_end'))}; after that, the calls' own timings "
+             f"chose one or two threads size by size (docs/kernel.md). Cores kept busy by other processes: "
              f"{kernel.get('busy_cpus_before')} before, {kernel.get('busy_cpus_after')} after.", "",
              "| n | rounds | threads=2 / threads=1 | control: threads=1 / threads=1 | threads=2 / gmpy2.fib |",
              "|---|---|---|---|---|"]

@@ -446,6 +446,7 @@ def test_kernel_report_says_when_two_threads_were_not_used_and_measured_again():
     never = _kernel.THREADS_NEVER
     text = "\n".join(report.kernel_lines(_kernel_doc(never)))
     assert "found no size where two threads won" in text and str(never) not in text
+    assert "timings chose one or two threads size by size" in text
     assert "measured again" not in text
     end = {"threads_min_n": 262144, "ms": 30.0, "rungs": [], "runs": 3, "retry_in_s": None}
     text = "\n".join(report.kernel_lines(_kernel_doc(never, end)))
