@@ -519,12 +519,13 @@ cdef int fib_into(mpz_ptr out, unsigned long n, int threads=1) except -1 nogil:
     # bits, its square twice that), so GMP never reallocates mid-way.
     bits = _work_bits(n)
     cdef long long start = 0
+    cdef bint two = False
     if n >= THREADS_MIN:
+        if threads >= 2:  # the calibration, when this call makes it, is not part of its timing
+            two = _adapt_two(n, n >= _threads_threshold())
         start = fastfib_now_ns()
-        # If the system refuses a thread, the same result is computed on this one.
-        if threads >= 2:
-            if _adapt_two(n, n >= _threads_threshold()):
-                h = _helper_start()
+        if two:  # if the system refuses a thread, the same result is computed on this one
+            h = _helper_start()
     if n <= SCRATCH_MAX_N and fastfib_take(&_scratch_busy):
         _reserve(_scratch_fk, bits)
         _reserve(_scratch_fk1, bits)

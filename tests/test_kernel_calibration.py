@@ -281,3 +281,15 @@ def test_a_starved_helper_makes_the_next_calls_use_one_thread(adapting, stalled_
         assert _kernel._helpers_started() == start + 3
     finally:
         _kernel._set_threads_min_n(0)
+
+
+def test_the_calibration_is_not_counted_in_the_call_that_makes_it(adapting):
+    _kernel._set_threads_min_n(0)  # the next eligible call calibrates (tens of ms)
+    n = 2**17 + 1
+    assert fib(n, threads=2) == gmpy2.fib(n)
+    cal_ns = _kernel.threads_calibration()["ms"] * 1e6
+    (bucket,) = _kernel.threads_adaptation()
+    cost = bucket["one_cost"] if bucket["one_samples"] else bucket["two_cost"]
+    # cost is ns * 4096 / n: the call's own time is far below the calibration's
+    assert cost * n / 4096 < cal_ns
+    _kernel._set_threads_min_n(0)
