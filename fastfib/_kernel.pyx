@@ -522,7 +522,7 @@ cdef int fib_into(mpz_ptr out, unsigned long n, int threads=1) except -1 nogil:
     cdef bint two = False
     if n >= THREADS_MIN:
         if threads >= 2:  # the calibration, when this call makes it, is not part of its timing
-            two = _adapt_two(n, n >= _threads_threshold())
+            two = _adapt_two(n, _prior_two(n))
         start = fastfib_now_ns()
         if two:  # if the system refuses a thread, the same result is computed on this one
             h = _helper_start()
@@ -564,8 +564,9 @@ cdef int fib_into(mpz_ptr out, unsigned long n, int threads=1) except -1 nogil:
 # preferred has its samples already); after that a call takes the other side
 # ADAPT_EXPLORE calls after the preference was set, then twice, four times ...
 # that gap later, up to ADAPT_EXPLORE_MAX calls apart, for as long as the
-# preference holds: a side that loses by a lot costs little. A change of
-# preference starts over.
+# preference holds: a side that loses by a lot costs little. A call on the
+# other side that beats the preferred average brings the next ones closer
+# (_adapt_record); a change of preference starts over.
 # ---------------------------------------------------------------------------
 
 cdef enum:
@@ -636,14 +637,31 @@ cdef bint _adapt_two(unsigned long n, bint prior) noexcept nogil:
     return prefer != explore
 
 
+cdef bint _prior_two(unsigned long n) noexcept nogil:
+    """The calibration's answer for n, before calls of its size have measured both sides.
+
+    Above the ladder's top the calibration measured nothing; there a "never" does not
+    hold, as two threads gain with the size, and the first calls of the size decide.
+    """
+    cdef unsigned long t = _threads_threshold()
+    return n >= t or (t == CAL_NEVER_N and n > 2 * CAL_TOP_N)
+
+
 cdef void _adapt_record(unsigned long n, bint two, long long wall_ns) noexcept nogil:
     cdef int b = _adapt_bucket(n)
-    cdef long long cost = wall_ns * 4096 // <long long>n, old
+    cdef long long cost = wall_ns * 4096 // <long long>n, old, pref
     if fastfib_relaxed_add(&_adapt_samples[b][two], 1) == 0:
         fastfib_relaxed_store(&_adapt_cost[b][two], cost)
     else:
         old = fastfib_relaxed_load(&_adapt_cost[b][two])
         fastfib_relaxed_store(&_adapt_cost[b][two], old + ((cost - old) >> ADAPT_WEIGHT_SHIFT))
+    # A call on the side not preferred that beat the preferred side's average: look again at once,
+    # then 2, 4 ... calls later, so that a change of the machine is followed within a few calls
+    # (each sample moves the average a quarter of the way) rather than a few long gaps.
+    pref = fastfib_relaxed_load(&_adapt_pref[b]) - 1
+    if pref >= 0 and two != pref and cost * 100 <= fastfib_relaxed_load(&_adapt_cost[b][pref]) * ADAPT_WIN_PCT:
+        fastfib_relaxed_store(&_adapt_gap[b], 1)
+        fastfib_relaxed_store(&_adapt_next[b], fastfib_relaxed_load(&_adapt_calls[b]))
 
 
 def threads_adaptation():

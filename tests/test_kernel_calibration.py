@@ -293,3 +293,29 @@ def test_the_calibration_is_not_counted_in_the_call_that_makes_it(adapting):
     # cost is ns * 4096 / n: the call's own time is far below the calibration's
     assert cost * n / 4096 < cal_ns
     _kernel._set_threads_min_n(0)
+
+
+def test_a_promising_exploration_is_followed_by_more(adapting):
+    _feed(False, 10, 10)
+    _feed(True, 7, 7)
+    assert _choices(prior=False, calls=13) == [c != 12 for c in range(13)]  # two threads; call 12 explores
+    _feed(False, 5)  # one thread now beats two threads' average (a threads=1 call, or that exploration)
+    # one thread at once (call 13), then two and four calls later (15, 19), until the averages cross
+    assert _choices(prior=False, calls=7) == [False, True, False, True, True, True, False]
+    _feed(False, 5, 5)  # they cross: one thread is preferred from call 20, and explores two 8 calls later
+    assert _choices(prior=False, calls=9) == [False] * 8 + [True]
+
+
+def test_above_the_ladder_a_never_lets_the_first_calls_decide(adapting):
+    _kernel._set_threads_min_n(NEVER, retry_in_s=3600.0)
+    try:
+        start = _kernel._helpers_started()
+        assert fib(2**21 + 1, threads=2) == gmpy2.fib(2**21 + 1)  # on the ladder: one thread
+        assert _kernel._helpers_started() == start
+        n = 2**22 + 1
+        assert fib(n, threads=2) == gmpy2.fib(n)  # above it: two threads first (call 0)
+        assert _kernel._helpers_started() == start + 1
+        (bucket,) = [b for b in _kernel.threads_adaptation() if b["n_from"] == 2**22]
+        assert bucket["two_samples"] == 1
+    finally:
+        _kernel._set_threads_min_n(0)
