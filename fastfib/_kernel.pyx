@@ -465,7 +465,6 @@ cdef void _helper_stop(Helper *h) noexcept nogil:
 cdef inline void _mul2(Helper *h, mpz_ptr d1, mpz_srcptr x1, mpz_srcptr y1,
                        mpz_ptr d2, mpz_srcptr x2, mpz_srcptr y2) noexcept nogil:
     """d1 = x1 y1 and d2 = x2 y2; the second on the helper thread if ``h`` is not NULL."""
-    cdef long long t0
     if h == NULL:
         mpz_mul(d1, x1, y1)
         mpz_mul(d2, x2, y2)
