@@ -180,8 +180,9 @@ class Workload:
 def _digest(body: bytes) -> tuple[int, int]:
     """The length and the 64-bit SipHash of ``body`` (Python's ``hash``, keyed per process).
 
-    The check runs in the load process, on the 2 cores the servers share: at
-    48 KB this costs 12 us against blake2b's 79 us (docs/benchmarks.md).
+    Not a cryptographic digest: the check runs in the load process, on the cores
+    the servers share, so it is the cheapest that still catches a wrong reply
+    (the costs: docs/benchmarks.md).
     """
     return len(body), hash(body)
 
