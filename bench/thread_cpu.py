@@ -26,7 +26,7 @@ import pika
 import psutil
 
 from .common import DEFAULT_URL, ROOT
-from .compat_pool import delete_queue
+from .compat_pool import delete_queue, stop_process
 from .harness import broker_process
 
 BINARY = "application/octet-stream"
@@ -137,11 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, (user, system) in sorted(r["us_per_reply"].items()):
                 print(f"    {name:48s} {user:7.0f} + {system:5.0f}")
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server)
         delete_queue(queue, args.url)
     return 0
 
