@@ -263,17 +263,22 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
+def _never(t: int) -> bool:
+    """Whether a calibrated threshold is fastfib._kernel.THREADS_NEVER (two threads won on no rung)."""
+    return t >= 2**63
+
+
 def _threshold_n(t: int | None) -> str:
     if t is None:
         return "not recorded"
-    return "none (no win)" if t >= 2**63 else str(t)  # >= 2**63: fastfib._kernel.THREADS_NEVER
+    return "none (no win)" if _never(t) else str(t)
 
 
 def _threshold_words(cal: dict) -> str:
     t = cal.get("threads_min_n")
     if t is None:
         return "no calibration recorded"
-    if t >= 2**63:
+    if _never(t):
         return ("the calibration found no size where two threads won by 10 %, so threads=2 started on one "
                 "thread at every size")
     return f"calibrated threshold n ≥ {t}"
