@@ -4,6 +4,7 @@ Each one is the project's own code and runs as its own process::
 
     python -m bench.servers naive --queue Q     # the tutorial's server: naive recursion, prefetch 1
     python -m bench.servers gmpy2 --queue Q     # what a user would write: one process, gmpy2.fib
+                                                # (it does not import fastfib: GMP runs as shipped)
     python -m bench.servers echo  --queue Q     # the transport limit: replies the body unchanged
     python -m bench.servers echo  --queue Q --procs 2   # N such processes on one queue
 
@@ -25,8 +26,6 @@ import signal
 import sys
 
 import pika
-
-from fastfib.reference import fib_naive  # the tutorial's fib, verbatim: exponential-time recursion
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 BINARY = "application/octet-stream"
@@ -52,7 +51,11 @@ def _accept(props: pika.BasicProperties) -> str | None:
 
 
 def naive_handler(ch, method, props, body):
-    # The tutorial's on_request: no content_type, always decimal text.
+    # The tutorial's on_request: no content_type, always decimal text. Imported here, not at the
+    # top: importing the fastfib package changes GMP's code on some CPUs (fastfib.gmp_dispatch),
+    # and the gmpy2 and echo servers are plain baselines that never import it.
+    from fastfib.reference import fib_naive  # the tutorial's fib, verbatim: exponential-time recursion
+
     n = int(body)
     response = fib_naive(n)
     ch.basic_publish(

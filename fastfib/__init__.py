@@ -36,6 +36,12 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
         "`python setup.py build_ext --inplace`). fastfib has no pure-Python fallback."
     ) from exc
 
+from . import gmp_dispatch as _gmp_dispatch
+
+# GMP's routines for this CPU where GMP 6.3.0 did not know it (FASTFIB_GMP_DISPATCH=off keeps
+# GMP as shipped): process-wide, once, before any computation; it never raises.
+_gmp_dispatch.apply()
+
 __version__ = "0.1.0"
 
 
@@ -50,12 +56,13 @@ def __getattr__(name: str):
 
 
 def kernel_info() -> str:
-    """One line naming the kernel and the gmpy2 and GMP it runs with."""
+    """One line naming the kernel, the gmpy2 and GMP it runs with, and GMP's code for this CPU."""
     import gmpy2
 
     return (
         f"fastfib {__version__} compiled kernel; gmpy2 {gmpy2.version()} "
-        f"({gmpy2.mp_version()}); linked GMP {gmp_library_version()}"
+        f"({gmpy2.mp_version()}); linked GMP {gmp_library_version()}; "
+        f"GMP code: {_gmp_dispatch.status()}"
     )
 
 
