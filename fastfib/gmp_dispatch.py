@@ -64,6 +64,9 @@ REQUIRED_FLAGS = frozenset({"ssse3", "sse4_1", "sse4_2", "popcnt", "avx", "avx2"
 GMP_VERSION = "6.3.0"
 
 _status = "not applied (fastfib.gmp_dispatch.apply was not called)"
+# What apply changed: the table's address and, per entry changed, (index, shipped routine, new routine).
+_table = 0
+_changed: list[tuple[int, int, int]] = []
 
 
 def plan(current: list[tuple[str, str] | None], available: set[str], flags: set[str]) -> list[tuple[int, str]] | str:
@@ -161,8 +164,12 @@ def _apply() -> str:
     changes = plan(current, available, _cpu_flags())
     if isinstance(changes, str):
         return changes
+    global _table
+    _table = table
     for i, name in changes:
-        slots[i] = _address(lib, name)
+        new = _address(lib, name)
+        _changed.append((i, slots[i], new))
+        slots[i] = new
     targets = sorted({name.rsplit("_", 1)[1] for _, name in changes}, key=TARGETS.index)
     return f"{len(changes)} routines switched from generic to GMP's {'/'.join(targets)} code (CPU not known to GMP)"
 
@@ -177,3 +184,14 @@ def apply() -> str:
         _status = f"kept: {type(exc).__name__}: {exc}"
     log.debug("GMP dispatch: %s", _status)
     return _status
+
+
+def _use_switched(on: bool) -> bool:
+    """Benchmarks only (bench.gmp_dispatch): GMP's shipped routines (False) or the switched ones
+    (True), in this process; False if apply switched nothing. Call it while no thread computes."""
+    if not _changed:
+        return False
+    slots = (ctypes.c_void_p * len(CPUVEC_FUNCS)).from_address(_table)
+    for i, shipped, new in _changed:
+        slots[i] = new if on else shipped
+    return True

@@ -156,3 +156,23 @@ def test_the_plain_gmpy2_baseline_server_does_not_import_fastfib():
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+def test_use_switched_toggles_between_the_shipped_and_the_switched_routines():
+    if "switched" not in gd.status():
+        assert gd._use_switched(False) is False  # nothing to toggle where nothing was switched
+        return
+    (path,) = gd._loaded_libgmp()
+    table = ctypes.addressof(ctypes.c_void_p.in_dll(ctypes.CDLL(path), "__gmpn_cpuvec"))
+    slots = (ctypes.c_void_p * len(gd.CPUVEC_FUNCS)).from_address(table)
+    switched = list(slots)
+    want = fastfib.fib_encoded(300_001, "binary")
+    try:
+        assert gd._use_switched(False) is True
+        shipped = list(slots)
+        assert shipped != switched
+        assert fastfib.fib_encoded(300_001, "binary") == want
+        assert [i for i in range(len(slots)) if shipped[i] != switched[i]] == [i for i, _, _ in gd._changed]
+    finally:
+        gd._use_switched(True)
+    assert list(slots) == switched
