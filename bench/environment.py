@@ -47,6 +47,8 @@ def collect_environment(url: str) -> dict:
 
         fastfib["version"] = ff.__version__
         fastfib["kernel"] = ff.kernel_info()
+        # fastfib serve's processes inherit this environment: the same GMP code as here
+        fastfib["gmp_code"] = ff.gmp_dispatch.status()
     except Exception as exc:  # the kernel may not be built
         fastfib["error"] = f"{type(exc).__name__}: {exc}"
     commit = _run(["git", "rev-parse", "HEAD"])

@@ -339,6 +339,8 @@ def write_markdown(report: dict, out: Path) -> Path:
         f"| Python | {env['python']['implementation']} {env['python']['version']} |",
         f"| pika / gmpy2 / GMP | {env['packages']['pika']} / {env['packages']['gmpy2']} / {env['gmp']} |",
         f"| fastfib | {env['fastfib'].get('kernel') or env['fastfib'].get('error')} |",
+        *([f"| GMP code | fastfib's processes: {env['fastfib']['gmp_code']}; the plain gmpy2 and echo servers: "
+           "GMP as shipped (they do not import fastfib; fastfib.gmp_dispatch) |"] if env["fastfib"].get("gmp_code") else []),
         f"| RabbitMQ | {_rabbit(env)} |",
         f"| git commit | `{env['git']['commit']}`{' (uncommitted changes)' if env['git']['dirty'] else ''} |",
         f"| settings | duration {s['duration']} s, warm-up {s['warmup']} s, repeats {s['repeat']} (target cells), "
