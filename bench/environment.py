@@ -47,8 +47,8 @@ def collect_environment(url: str) -> dict:
 
         fastfib["version"] = ff.__version__
         fastfib["kernel"] = ff.kernel_info()
-        # fastfib serve's processes inherit this environment: the same GMP code as here
-        fastfib["gmp_code"] = ff.gmp_dispatch.status()
+        # what fastfib serve's workers do as they start, in this same environment
+        fastfib["gmp_code"] = ff.gmp_dispatch.apply()
     except Exception as exc:  # the kernel may not be built
         fastfib["error"] = f"{type(exc).__name__}: {exc}"
     commit = _run(["git", "rev-parse", "HEAD"])

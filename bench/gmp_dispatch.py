@@ -39,10 +39,10 @@ def measure(ns: list[int], seed: int) -> dict:
             order = list(times)
             rng.shuffle(order)
             for k, on in order:
-                gmp_dispatch._use_switched(on)
+                gmp_dispatch.use_switched(on)
                 times[(k, on)].append(_time(calls[k], n))
     finally:
-        gmp_dispatch._use_switched(True)
+        gmp_dispatch.use_switched(True)
     out = {}
     for k in calls:
         ratios = [b / a for a, b in zip(times[(k, False)], times[(k, True)], strict=True)]
@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big-rounds", type=int, default=7, help="rounds at n = 10^7")
     p.add_argument("--seed", type=int, default=20261201)
     args = p.parse_args(argv)
+    gmp_dispatch.apply()
     print(fastfib.kernel_info())
-    if not gmp_dispatch._use_switched(True):
+    if not gmp_dispatch.use_switched(True):
         print("nothing was switched on this machine: nothing to compare")
         return 0
     rng = random.Random(args.seed)

@@ -52,8 +52,8 @@ def _accept(props: pika.BasicProperties) -> str | None:
 
 def naive_handler(ch, method, props, body):
     # The tutorial's on_request: no content_type, always decimal text. Imported here, not at the
-    # top: importing the fastfib package changes GMP's code on some CPUs (fastfib.gmp_dispatch),
-    # and the gmpy2 and echo servers are plain baselines that never import it.
+    # top: the gmpy2 and echo servers are plain baselines and never import fastfib, so nothing of
+    # it (fastfib.gmp_dispatch switches GMP's routines on some CPUs) can touch their GMP.
     from fastfib.reference import fib_naive  # the tutorial's fib, verbatim: exponential-time recursion
 
     n = int(body)

@@ -38,10 +38,6 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
 
 from . import gmp_dispatch as _gmp_dispatch
 
-# GMP's routines for this CPU where GMP 6.3.0 did not know it (FASTFIB_GMP_DISPATCH=off keeps
-# GMP as shipped): process-wide, once, before any computation; it never raises.
-_gmp_dispatch.apply()
-
 __version__ = "0.1.0"
 
 

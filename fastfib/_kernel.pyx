@@ -929,6 +929,8 @@ def threads_min_n():
     (:func:`threads_adaptation`).
     """
     cdef unsigned long t
+    if not _gmp_code_chosen:
+        _choose_gmp_code()  # the calibration measures the routines the calls will run
     while True:
         with nogil:
             t = _threads_threshold()
@@ -1125,6 +1127,19 @@ cdef inline int _threads_of(object threads) except -1:
     return _check_threads(threads)
 
 
+# GMP's routines for this CPU (fastfib.gmp_dispatch): chosen once, with the GIL, before the first
+# F(n) with n >= NOGIL_MIN_N and before the first calibration, so that both run on them.
+cdef bint _gmp_code_chosen = False
+
+
+cdef int _choose_gmp_code() except -1:
+    global _gmp_code_chosen
+    _gmp_code_chosen = True
+    from fastfib import gmp_dispatch
+    gmp_dispatch.apply()
+    return 0
+
+
 def fib(n, threads=1):
     """F(n) as a ``gmpy2.mpz``, for 0 <= n <= MAX_N.
 
@@ -1143,6 +1158,8 @@ def fib(n, threads=1):
     if un < NOGIL_MIN_N:
         _fib_small(z, un)
     else:
+        if not _gmp_code_chosen:
+            _choose_gmp_code()
         with nogil:
             fib_into(z, un, t)
     return result
@@ -1224,6 +1241,8 @@ def fib_encoded(n, fmt="decimal", threads=1):
     if un < NOGIL_MIN_N:
         _fib_small(_small_out, un)
         return encode_binary(_small_out) if binary else encode_decimal(_small_out)
+    if not _gmp_code_chosen:
+        _choose_gmp_code()
     # F(n) is a temporary here: reuse the scratch one when it is free.
     cdef bint scratch = un <= SCRATCH_MAX_N and fastfib_take(&_out_busy)
     if scratch:

@@ -1,30 +1,35 @@
-"""GMP's own CPU-specific code on x86-64 CPUs that GMP 6.3.0 does not know.
+"""GMP's own CPU-specific code on Intel x86-64 CPUs that GMP 6.3.0 does not know.
 
 The GMP that gmpy2's wheel ships is a "fat" build: at its first call it reads
 the CPU model and fills ``__gmpn_cpuvec``, a table of pointers to the
 assembly routines written for that CPU. A model that GMP 6.3.0 does not know
 (newer Xeons, such as the family 6 model 207 of this project's CI machine)
 gets its generic x86-64 routines, which do not use the ``mulx``/``adcx``
-instructions that every CPU since Broadwell has. There F(n) takes about 1.4×
-as long as it would with the Broadwell routines that the same library holds
+instructions that every Intel CPU since Broadwell has. There F(n) takes about
+1.4× as long as with the Broadwell routines that the same library holds
 (docs/kernel.md).
 
-:func:`apply` (called when :mod:`fastfib` is imported) points the table's
-multiplication and linear-arithmetic entries at those routines when all of
-these hold, and otherwise changes nothing:
+:func:`apply` points the table's multiplication and linear-arithmetic
+entries at those routines when all of these hold, and otherwise changes
+nothing:
 
 - Linux on x86-64, with exactly one GMP loaded, and that GMP is 6.3.0;
 - every entry of the table is a routine of the expected name (its layout is
   GMP 6.3.0's), and GMP chose generic code for every entry (it did not know
   the CPU);
-- the CPU has every instruction those routines use (``/proc/cpuinfo``).
+- an Intel CPU with the instructions those routines use (SSSE3, BMI2, ADX;
+  ``/proc/cpuinfo``), checked with the rest of Broadwell's set.
 
 The routines are GMP's own, picked as GMP itself picks them for a Broadwell
 or later Intel CPU. Division, modular and gcd entries are left as they are
 (some of them come in pairs that share precomputed tables, and F(n) does not
 use them). The change is process-wide: gmpy2 in the same process gets it too.
-``FASTFIB_GMP_DISPATCH=off`` in the environment keeps GMP as shipped.
-:func:`status` says what was done, and :func:`fastfib.kernel_info` includes it.
+The kernel calls :func:`apply` at its first F(n) with n >= 20000 (and before
+it calibrates two threads), a ``fastfib serve`` worker when it starts; a
+process that only imports fastfib, a client for instance, keeps GMP as it
+is. ``FASTFIB_GMP_DISPATCH=off`` in the environment keeps GMP as shipped
+everywhere. :func:`status` says what was done, and :func:`fastfib.kernel_info`
+includes it.
 """
 
 from __future__ import annotations
@@ -59,23 +64,32 @@ STAND_INS = {"preinv_mod_1": "mod_1", "preinv_divrem_1": "divrem_1"}
 GENERIC = ("x86_64", "fat")
 #: Best first, as GMP's fat initialisation layers them for a Broadwell or later Intel CPU.
 TARGETS = ("coreibwl", "coreihwl", "coreisbr", "coreinhm", "core2")
-#: The CPU flags those routines need (ADX and BMI2 for Broadwell's and Haswell's multiplications).
+#: Every other variant suffix of GMP 6.3.0's x86-64 fat build: for naming what GMP chose on a CPU it knows.
+OTHER_VARIANTS = ("k8", "k10", "bd1", "bt1", "bt2", "zen", "pentium4", "atom", "silvermont", "goldmont", "nano",
+                  "skylake")
+#: The CPU flags checked: the routines use SSSE3, BMI2 and ADX; the rest of Broadwell's set is a
+#: conservative margin.
 REQUIRED_FLAGS = frozenset({"ssse3", "sse4_1", "sse4_2", "popcnt", "avx", "avx2", "bmi1", "bmi2", "adx"})
+VENDOR = "GenuineIntel"
 GMP_VERSION = "6.3.0"
+#: The values of ENV that turn the switch off.
+OFF = ("off", "0", "false", "no")
 
-_status = "not applied (fastfib.gmp_dispatch.apply was not called)"
+_status = "not chosen yet (at the first F(n) with n >= 20000, or when a worker starts)"
 # What apply changed: the table's address and, per entry changed, (index, shipped routine, new routine).
+_applied = False
 _table = 0
 _changed: list[tuple[int, int, int]] = []
 
 
-def plan(current: list[tuple[str, str] | None], available: set[str], flags: set[str]) -> list[tuple[int, str]] | str:
+def plan(current: list[tuple[str, str] | None], available: set[str], flags: set[str],
+         vendor: str = VENDOR) -> list[tuple[int, str]] | str:
     """The entries to change, as (index, routine name), or the reason to change nothing.
 
     ``current`` is, for each entry of the table, (function, variant) of the routine it
     holds, or None if it holds no routine of a known name; ``available`` the exported
-    routine names of the library (``__gmpn_<function>_<variant>``); ``flags`` the CPU's.
-    Pure: it reads and writes no memory.
+    routine names of the library (``__gmpn_<function>_<variant>``); ``flags`` and
+    ``vendor`` the CPU's. Pure: it reads and writes no memory.
     """
     if len(current) != len(CPUVEC_FUNCS):
         return f"the table has {len(current)} entries, GMP {GMP_VERSION}'s has {len(CPUVEC_FUNCS)}"
@@ -85,6 +99,8 @@ def plan(current: list[tuple[str, str] | None], available: set[str], flags: set[
     chosen = sorted({variant for _, variant in current} - set(GENERIC))
     if chosen:
         return f"kept: GMP chose its {'/'.join(chosen)} code for this CPU"
+    if vendor != VENDOR:
+        return f"kept generic: a {vendor or 'unknown'} CPU (the switch is for Intel CPUs)"
     missing = sorted(REQUIRED_FLAGS - flags)
     if missing:
         return f"kept generic: the CPU lacks {', '.join(missing)}"
@@ -105,12 +121,17 @@ def status() -> str:
     return _status
 
 
-def _cpu_flags() -> set[str]:
+def _cpu() -> tuple[str, set[str]]:
+    """The first CPU's vendor and flags, from /proc/cpuinfo."""
+    vendor, flags = "", set()
     with open("/proc/cpuinfo") as fh:
         for line in fh:
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
+            if line.startswith("vendor_id") and not vendor:
+                vendor = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return vendor, flags
 
 
 def _loaded_libgmp() -> list[str]:
@@ -123,72 +144,111 @@ def _loaded_libgmp() -> list[str]:
     return sorted(paths)
 
 
-def _address(lib: ctypes.CDLL, name: str) -> int | None:
-    try:
-        return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
-    except AttributeError:
-        return None
+class _Gmp:
+    """The one libgmp of this process, its routine table, and the names of its routines."""
+
+    def __init__(self) -> None:
+        libs = _loaded_libgmp()
+        if len(libs) != 1:
+            raise LookupError(f"{len(libs)} GMP libraries are loaded, not one")
+        self.lib = ctypes.CDLL(libs[0])  # already loaded (by gmpy2): the same handle, not a second copy
+        try:
+            self.version = ctypes.c_char_p.in_dll(self.lib, "__gmp_version").value.decode()
+            self.table = ctypes.addressof(ctypes.c_void_p.in_dll(self.lib, "__gmpn_cpuvec"))
+            ready = ctypes.c_int.in_dll(self.lib, "__gmpn_cpuvec_initialized")
+        except (ValueError, AttributeError):
+            raise LookupError("not a fat GMP build (no __gmpn_cpuvec)") from None
+        if not ready.value:
+            # GMP fills the table at its first call; gmpy2 has made calls by now, but make sure.
+            getattr(self.lib, "__gmpn_cpuvec_init")()  # not self.lib.__gmpn...: a class would mangle that name
+        self.slots = (ctypes.c_void_p * len(CPUVEC_FUNCS)).from_address(self.table)
+        self.known: dict[int, tuple[str, str]] = {}
+        self.available: set[str] = set()
+        for func in CPUVEC_FUNCS:
+            for variant in GENERIC + TARGETS + OTHER_VARIANTS:
+                name = f"__gmpn_{func}_{variant}"
+                addr = self.address(name)
+                if addr is not None:
+                    self.known.setdefault(addr, (func, variant))
+                    self.available.add(name)
+
+    def address(self, name: str) -> int | None:
+        try:
+            return ctypes.cast(getattr(self.lib, name), ctypes.c_void_p).value
+        except AttributeError:
+            return None
+
+    def current(self) -> list[tuple[str, str] | None]:
+        return [self.known.get(self.slots[i] or 0) for i in range(len(CPUVEC_FUNCS))]
+
+
+def read_table() -> list[tuple[str, str] | None]:
+    """What each entry of this process's GMP routine table holds, as (function, variant), or None
+    for a routine of no known name. Reads only; LookupError if there is no such table."""
+    return _Gmp().current()
+
+
+#: The size thresholds that follow the routines in GMP 6.3.0's table (in limbs), left as GMP set them.
+CPUVEC_THRESHOLDS = ("mul_toom22", "mul_toom33", "sqr_toom2", "sqr_toom3", "bmod_1_to_mod_1")
+
+
+def thresholds() -> dict[str, int]:
+    """The table's size thresholds, e.g. ``sqr_toom2``: GMP calls ``sqr_basecase`` only below it
+    (the generic routine supports no larger size). Reads only; LookupError if there is no table."""
+    values = (ctypes.c_long * (len(CPUVEC_FUNCS) + len(CPUVEC_THRESHOLDS))).from_address(_Gmp().table)
+    return {name: values[len(CPUVEC_FUNCS) + i] for i, name in enumerate(CPUVEC_THRESHOLDS)}
 
 
 def _apply() -> str:
-    if os.environ.get(ENV, "").strip().lower() == "off":
-        return f"kept as shipped ({ENV}=off)"
+    if os.environ.get(ENV, "").strip().lower() in OFF:
+        return f"kept as shipped ({ENV}={os.environ[ENV].strip()})"
     if not sys.platform.startswith("linux") or os.uname().machine != "x86_64":
         return "kept: not Linux on x86-64"
-    libs = _loaded_libgmp()
-    if len(libs) != 1:
-        return f"kept: {len(libs)} GMP libraries are loaded, not one"
-    lib = ctypes.CDLL(libs[0])  # already loaded (by gmpy2): the same handle, not a second copy
     try:
-        version = ctypes.c_char_p.in_dll(lib, "__gmp_version").value.decode()
-        table = ctypes.addressof(ctypes.c_void_p.in_dll(lib, "__gmpn_cpuvec"))
-        ready = ctypes.c_int.in_dll(lib, "__gmpn_cpuvec_initialized")
-    except (ValueError, AttributeError):
-        return "kept: not a fat GMP build (no __gmpn_cpuvec)"
-    if version != GMP_VERSION:
-        return f"kept: GMP {version}, not {GMP_VERSION}"
-    if not ready.value:
-        # GMP fills the table at its first call; gmpy2 has made calls by now, but make sure.
-        lib.__gmpn_cpuvec_init()
-    known: dict[int, tuple[str, str]] = {}
-    available: set[str] = set()
-    for func in CPUVEC_FUNCS:
-        for variant in GENERIC + TARGETS:
-            name = f"__gmpn_{func}_{variant}"
-            addr = _address(lib, name)
-            if addr is not None:
-                known.setdefault(addr, (func, variant))
-                available.add(name)
-    slots = (ctypes.c_void_p * len(CPUVEC_FUNCS)).from_address(table)
-    current = [known.get(slots[i] or 0) for i in range(len(CPUVEC_FUNCS))]
-    changes = plan(current, available, _cpu_flags())
+        gmp = _Gmp()
+    except LookupError as exc:
+        return f"kept: {exc}"
+    if gmp.version != GMP_VERSION:
+        return f"kept: GMP {gmp.version}, not {GMP_VERSION}"
+    vendor, flags = _cpu()
+    changes = plan(gmp.current(), gmp.available, flags, vendor)
     if isinstance(changes, str):
         return changes
     global _table
-    _table = table
+    _table = gmp.table
     for i, name in changes:
-        new = _address(lib, name)
-        _changed.append((i, slots[i], new))
-        slots[i] = new
+        new = gmp.address(name)
+        _changed.append((i, gmp.slots[i], new))
+        gmp.slots[i] = new
     targets = sorted({name.rsplit("_", 1)[1] for _, name in changes}, key=TARGETS.index)
     return f"{len(changes)} routines switched from generic to GMP's {'/'.join(targets)} code (CPU not known to GMP)"
 
 
 def apply() -> str:
     """Point GMP at its own routines for this CPU where it chose generic ones (see the module
-    docstring); return, and keep for :func:`status`, what was done. Never raises."""
-    global _status
+    docstring); return, and keep for :func:`status`, what was done. Never raises; once
+    done, a later call returns the same answer and changes nothing."""
+    global _status, _applied
+    if _applied:
+        return _status
+    _applied = True
     try:
         _status = _apply()
     except Exception as exc:  # a reading that did not work out leaves GMP as it is
         _status = f"kept: {type(exc).__name__}: {exc}"
-    log.debug("GMP dispatch: %s", _status)
+    log.debug("GMP code: %s", _status)
     return _status
 
 
-def _use_switched(on: bool) -> bool:
-    """Benchmarks only (bench.gmp_dispatch): GMP's shipped routines (False) or the switched ones
-    (True), in this process; False if apply switched nothing. Call it while no thread computes."""
+def changed() -> list[tuple[int, int, int]]:
+    """What :func:`apply` switched: (entry index, shipped routine's address, new routine's address)."""
+    return list(_changed)
+
+
+def use_switched(on: bool) -> bool:
+    """For benchmarks and tests: GMP's shipped routines (False) or the switched ones (True), in
+    this process; False if :func:`apply` switched nothing. Each entry is one aligned pointer
+    write, and the two routines compute the same, so a computation running meanwhile is safe."""
     if not _changed:
         return False
     slots = (ctypes.c_void_p * len(CPUVEC_FUNCS)).from_address(_table)

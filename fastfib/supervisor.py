@@ -38,7 +38,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import gmp_dispatch
 from .exitcodes import EXIT_ACCESS_REFUSED, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from .limits import max_n_warning
 from .logs import configure_logging, mask_url
@@ -110,7 +109,6 @@ class Supervisor:
                 self.config.prefetch, self.config.max_n, self.config.cache_bytes, self.config.describe_queue(),
                 self.config.wire,
             )
-            log.info("GMP code: %s", gmp_dispatch.status())
             if self.config.wire == "fast" and not wire_works():
                 self.config = dataclasses.replace(self.config, wire="pika")  # warned once, here
             too_large = max_n_warning(self.config.max_n, self.config.max_reply_bytes)

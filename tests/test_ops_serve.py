@@ -42,9 +42,10 @@ def test_environment_configures_the_pool_flags_win_and_logs_are_json(queue):
         assert isinstance(e["pid"], int) and e["time"].endswith("Z")
     assert any(e["worker"] is None and e["message"].startswith(f"starting 2 worker(s) on queue '{queue}'")
                and "prefetch 7" in e["message"] for e in entries)
-    # what fastfib.gmp_dispatch did, once, from the supervisor
+    # what fastfib.gmp_dispatch did, once in each worker, as it started
     gmp = [e for e in entries if e["message"].startswith("GMP code: ")]
-    assert len(gmp) == 1 and gmp[0]["worker"] is None and gmp[0]["logger"] == "fastfib.supervisor", gmp
+    assert sorted(e["worker"] for e in gmp) == [0, 1] and {e["logger"] for e in gmp} == {"fastfib.server.compute"}, gmp
+    assert "not chosen yet" not in gmp[0]["message"]
     assert {e["worker"] for e in entries if e["logger"] == "fastfib.server.lifecycle"} == {0, 1}
     refused = [e for e in entries if "cannot connect to" in e["message"]]
     assert refused and refused[0]["level"] == "WARNING" and refused[0]["worker"] == 0

@@ -8,16 +8,25 @@ I/O thread through ``post`` (the I/O loop's ``add_callback_threadsafe``).
 from __future__ import annotations
 
 import functools
+import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 
 def kernel_encoder(threads: int = 1) -> Callable[[int, str], bytes]:
-    """The compiled kernel's ``fib_encoded``, with ``threads`` threads per F(n)."""
-    from .. import fib_encoded, threads_min_n
+    """The compiled kernel's ``fib_encoded``, with ``threads`` threads per F(n).
+
+    GMP's routines for this CPU are chosen now (:mod:`fastfib.gmp_dispatch`), and logged,
+    rather than at the first large request.
+    """
+    from .. import fib_encoded, gmp_dispatch, threads_min_n
+
+    log.info("GMP code: %s", gmp_dispatch.apply())
 
     if threads == 1:
         return fib_encoded  # the plain call: no partial on the hot path
