@@ -52,7 +52,9 @@ def collect_environment(url: str) -> dict:
     except Exception as exc:  # the kernel may not be built
         fastfib["error"] = f"{type(exc).__name__}: {exc}"
     commit = _run(["git", "rev-parse", "HEAD"])
-    status = _run(["git", "status", "--porcelain"])
+    # bench/results is output, not code: `--out bench/results/published` empties that tracked
+    # folder before this runs, which made every published run look like uncommitted code.
+    status = _run(["git", "status", "--porcelain", "--", ".", ":(exclude)bench/results"])
     mem = psutil.virtual_memory().total
     return {
         "machine": {
