@@ -41,7 +41,7 @@ import sys
 
 log = logging.getLogger(__name__)
 
-#: The environment variable that turns this off ("off"); anything else, or unset, means on.
+#: The environment variable that turns the switch off (one of OFF); anything else, or unset, means on.
 ENV = "FASTFIB_GMP_DISPATCH"
 
 #: The function entries of GMP 6.3.0's ``struct cpuvec_t``, in order (gmp-impl.h).
