@@ -145,11 +145,12 @@ def test_how_long_small_requests_wait_behind_a_flood_of_max_n_requests(queue, pr
         assert r["p50"] < per_request, (per_request, r)
     else:
         # FIFO queue: the first small request reaches a worker only once at most workers x prefetch
-        # requests are ahead of it, so it waits while the workers compute the rest of the flood.
-        # The bound comes from the kernel's own speed, not from the flood replies that had
-        # arrived: on a fast machine one pika reader takes in 209 KB replies slower than two
-        # workers make them, so arrivals lag what the workers did.
-        assert r["first"] >= 0.8 * per_request * (flood - window - WORKERS) / WORKERS, (per_request, r)
+        # requests are ahead of it, so it waits while the workers compute the rest of the flood:
+        # measured against the flood's own time in the same run, not against a count of the flood
+        # replies that had arrived (on a fast machine one pika reader takes in 209 KB replies
+        # slower than two workers make them, so arrivals lag what the workers did), nor against
+        # the yardstick (on 2026-12-01 it took 21.6 ms in this process while each worker made
+        # one every 17.4 ms, and a bound of 0.8 x yardstick x the requests ahead failed).
         assert r["first"] > 0.5 * r["flood_took"] * (flood - window) / flood, r
         # Once it is through, the rest are fast (they reach a worker with room at once): each takes
         # less than one large computation.
