@@ -46,9 +46,10 @@ def collect_environment(url: str) -> dict:
         import fastfib as ff
 
         fastfib["version"] = ff.__version__
-        fastfib["kernel"] = ff.kernel_info()
-        # what fastfib serve's workers do as they start, in this same environment
+        # what fastfib serve's workers do as they start, in this same environment (before
+        # kernel_info, which names it)
         fastfib["gmp_code"] = ff.gmp_dispatch.apply()
+        fastfib["kernel"] = ff.kernel_info()
     except Exception as exc:  # the kernel may not be built
         fastfib["error"] = f"{type(exc).__name__}: {exc}"
     commit = _run(["git", "rev-parse", "HEAD"])
