@@ -929,8 +929,7 @@ def threads_min_n():
     (:func:`threads_adaptation`).
     """
     cdef unsigned long t
-    if not _gmp_code_chosen:
-        _choose_gmp_code()  # the calibration measures the routines the calls will run
+    _choose_gmp_code()  # the calibration measures the routines the calls will run
     while True:
         with nogil:
             t = _threads_threshold()
@@ -1132,11 +1131,12 @@ cdef inline int _threads_of(object threads) except -1:
 cdef bint _gmp_code_chosen = False
 
 
-cdef int _choose_gmp_code() except -1:
+cdef inline int _choose_gmp_code() except -1:
     global _gmp_code_chosen
-    _gmp_code_chosen = True
-    from fastfib import gmp_dispatch
-    gmp_dispatch.apply()
+    if not _gmp_code_chosen:
+        _gmp_code_chosen = True
+        from fastfib import gmp_dispatch
+        gmp_dispatch.apply()
     return 0
 
 
@@ -1158,8 +1158,7 @@ def fib(n, threads=1):
     if un < NOGIL_MIN_N:
         _fib_small(z, un)
     else:
-        if not _gmp_code_chosen:
-            _choose_gmp_code()
+        _choose_gmp_code()
         with nogil:
             fib_into(z, un, t)
     return result
@@ -1241,8 +1240,7 @@ def fib_encoded(n, fmt="decimal", threads=1):
     if un < NOGIL_MIN_N:
         _fib_small(_small_out, un)
         return encode_binary(_small_out) if binary else encode_decimal(_small_out)
-    if not _gmp_code_chosen:
-        _choose_gmp_code()
+    _choose_gmp_code()
     # F(n) is a temporary here: reuse the scratch one when it is free.
     cdef bint scratch = un <= SCRATCH_MAX_N and fastfib_take(&_out_busy)
     if scratch:
