@@ -1,35 +1,45 @@
-"""GMP's own CPU-specific code on Intel x86-64 CPUs that GMP 6.3.0 does not know.
+"""GMP's own faster routines on x86-64 CPUs where GMP 6.3.0 picks slower ones.
 
 The GMP that gmpy2's wheel ships is a "fat" build: at its first call it reads
 the CPU model and fills ``__gmpn_cpuvec``, a table of pointers to the
-assembly routines written for that CPU. A model that GMP 6.3.0 does not know
-(newer Xeons, such as the family 6 model 207 of this project's CI machine)
-gets its generic x86-64 routines, which do not use the ``mulx``/``adcx``
-instructions that every Intel CPU since Broadwell has. There F(n) takes about
-1.4× as long as with the Broadwell routines that the same library holds
-(docs/kernel.md).
+assembly routines written for that CPU. Two cases leave F(n) slower than the
+same library can make it (docs/kernel.md):
 
-:func:`apply` points the table's multiplication and linear-arithmetic
-entries at those routines when all of these hold, and otherwise changes
-nothing:
+- **An Intel model that GMP 6.3.0 does not know** (newer Xeons, such as the
+  family 6 model 207 of one of this project's CI machines) gets its generic
+  x86-64 routines, which do not use the ``mulx``/``adcx`` instructions that
+  every Intel CPU since Broadwell has: about 1.4× the time per F(n).
+- **AMD family 25** (Zen 3 and Zen 4) gets GMP's zen routines, whose
+  basecase multiplication adds its partial products with one ``adc`` carry
+  chain. GMP's Broadwell routines for the same five entries run two
+  (``adcx``/``adox``); on a Zen 4 (model 17) they took 0.82–0.88× the time
+  per F(n).
+
+:func:`apply` points the table's entries at GMP's own better routines when
+all of these hold, and otherwise changes nothing:
 
 - Linux on x86-64, with exactly one GMP loaded, and that GMP is 6.3.0;
 - every entry of the table is a routine of the expected name (its layout is
-  GMP 6.3.0's), and GMP chose generic code for every entry (it did not know
-  the CPU);
-- an Intel CPU with the instructions those routines use (SSSE3, BMI2, ADX;
-  ``/proc/cpuinfo``), checked with the rest of Broadwell's set.
+  GMP 6.3.0's);
+- the CPU has the instructions those routines use (SSSE3, BMI2, ADX;
+  ``/proc/cpuinfo``), checked with the rest of Broadwell's set;
+- Intel: GMP chose generic code for every entry (it did not know the CPU);
+  then the multiplication and linear-arithmetic entries get the routines GMP
+  itself picks for a Broadwell or later Intel CPU;
+- AMD family 25: GMP chose its zen code for the five basecase
+  multiplication entries (``addmul_1``, ``mul_1``, ``mul_basecase``,
+  ``mullo_basecase``, ``sqr_basecase``); then those five get GMP's
+  Broadwell (``coreibwl``) routines and the rest stays as GMP chose it.
 
-The routines are GMP's own, picked as GMP itself picks them for a Broadwell
-or later Intel CPU. Division, modular and gcd entries are left as they are
-(some of them come in pairs that share precomputed tables, and F(n) does not
-use them). The change is process-wide: gmpy2 in the same process gets it too.
-The kernel calls :func:`apply` at its first F(n) with n >= 20000 (and before
-it calibrates two threads), a ``fastfib serve`` worker when it starts; a
-process that only imports fastfib, a client for instance, keeps GMP as it
-is. ``FASTFIB_GMP_DISPATCH=off`` in the environment keeps GMP as shipped
-everywhere. :func:`status` says what was done, and :func:`fastfib.kernel_info`
-includes it.
+Division, modular and gcd entries are left as they are (some of them come
+in pairs that share precomputed tables, and F(n) does not use them), as are
+the size thresholds. The change is process-wide: gmpy2 in the same process
+gets it too. The kernel calls :func:`apply` at its first F(n) with n >= 20000
+(and before it calibrates two threads), a ``fastfib serve`` worker when it
+starts; a process that only imports fastfib, a client for instance, keeps GMP
+as it is. ``FASTFIB_GMP_DISPATCH=off`` in the environment keeps GMP as
+shipped everywhere. :func:`status` says what was done, and
+:func:`fastfib.kernel_info` includes it.
 """
 
 from __future__ import annotations
@@ -71,6 +81,12 @@ OTHER_VARIANTS = ("k8", "k10", "bd1", "bt1", "bt2", "zen", "pentium4", "atom", "
 #: conservative margin.
 REQUIRED_FLAGS = frozenset({"ssse3", "sse4_1", "sse4_2", "popcnt", "avx", "avx2", "bmi1", "bmi2", "adx"})
 VENDOR = "GenuineIntel"
+#: AMD: the families whose zen routines are replaced, the entries replaced, and with what.
+AMD_VENDOR = "AuthenticAMD"
+AMD_FAMILIES = frozenset({25})
+AMD_FROM = "zen"
+AMD_PATCHED = ("addmul_1", "mul_1", "mul_basecase", "mullo_basecase", "sqr_basecase")
+AMD_TARGET = "coreibwl"
 GMP_VERSION = "6.3.0"
 #: The values of ENV that turn the switch off.
 OFF = ("off", "0", "false", "no")
@@ -83,13 +99,13 @@ _changed: list[tuple[int, int, int]] = []
 
 
 def plan(current: list[tuple[str, str] | None], available: set[str], flags: set[str],
-         vendor: str = VENDOR) -> list[tuple[int, str]] | str:
+         vendor: str = VENDOR, family: int = 6) -> list[tuple[int, str]] | str:
     """The entries to change, as (index, routine name), or the reason to change nothing.
 
     ``current`` is, for each entry of the table, (function, variant) of the routine it
     holds, or None if it holds no routine of a known name; ``available`` the exported
-    routine names of the library (``__gmpn_<function>_<variant>``); ``flags`` and
-    ``vendor`` the CPU's. Pure: it reads and writes no memory.
+    routine names of the library (``__gmpn_<function>_<variant>``); ``flags``,
+    ``vendor`` and ``family`` the CPU's. Pure: it reads and writes no memory.
     """
     if len(current) != len(CPUVEC_FUNCS):
         return f"the table has {len(current)} entries, GMP {GMP_VERSION}'s has {len(CPUVEC_FUNCS)}"
@@ -97,6 +113,8 @@ def plan(current: list[tuple[str, str] | None], available: set[str], flags: set[
         if entry is None or entry[0] not in (func, STAND_INS.get(func)):
             return f"entry {i} is not {func} (another GMP layout)"
     chosen = sorted({variant for _, variant in current} - set(GENERIC))
+    if chosen and vendor == AMD_VENDOR and family in AMD_FAMILIES:
+        return _plan_zen(current, available, flags, family)
     if chosen:
         return f"kept: GMP chose its {'/'.join(chosen)} code for this CPU"
     if vendor != VENDOR:
@@ -116,22 +134,43 @@ def plan(current: list[tuple[str, str] | None], available: set[str], flags: set[
     return changes or "kept generic: the library has no CPU-specific routines"
 
 
+def _plan_zen(current: list[tuple[str, str]], available: set[str], flags: set[str],
+              family: int) -> list[tuple[int, str]] | str:
+    missing = sorted(REQUIRED_FLAGS - flags)
+    if missing:
+        return f"kept: GMP's code for AMD family {family}; the CPU lacks {', '.join(missing)}"
+    changes = []
+    for i, func in enumerate(CPUVEC_FUNCS):
+        if func not in AMD_PATCHED:
+            continue
+        variant = current[i][1]
+        if variant != AMD_FROM:
+            return f"kept: GMP chose its {variant} {func} for this AMD family {family} CPU, not its {AMD_FROM} one"
+        name = f"__gmpn_{func}_{AMD_TARGET}"
+        if name not in available:
+            return f"kept: the library has no {name}"
+        changes.append((i, name))
+    return changes
+
+
 def status() -> str:
     """What :func:`apply` did, in words."""
     return _status
 
 
-def _cpu() -> tuple[str, set[str]]:
-    """The first CPU's vendor and flags, from /proc/cpuinfo."""
-    vendor, flags = "", set()
+def _cpu() -> tuple[str, int, set[str]]:
+    """The first CPU's vendor, family and flags, from /proc/cpuinfo."""
+    vendor, family, flags = "", -1, set()
     with open("/proc/cpuinfo") as fh:
         for line in fh:
             if line.startswith("vendor_id") and not vendor:
                 vendor = line.split(":", 1)[1].strip()
+            elif line.startswith("cpu family") and family < 0:
+                family = int(line.split(":", 1)[1])
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    return vendor, flags
+    return vendor, family, flags
 
 
 def _loaded_libgmp() -> list[str]:
@@ -210,8 +249,9 @@ def _apply() -> str:
         return f"kept: {exc}"
     if gmp.version != GMP_VERSION:
         return f"kept: GMP {gmp.version}, not {GMP_VERSION}"
-    vendor, flags = _cpu()
-    changes = plan(gmp.current(), gmp.available, flags, vendor)
+    vendor, family, flags = _cpu()
+    current = gmp.current()
+    changes = plan(current, gmp.available, flags, vendor, family)
     if isinstance(changes, str):
         return changes
     global _table
@@ -220,8 +260,12 @@ def _apply() -> str:
         new = gmp.address(name)
         _changed.append((i, gmp.slots[i], new))
         gmp.slots[i] = new
-    targets = sorted({name.rsplit("_", 1)[1] for _, name in changes}, key=TARGETS.index)
-    return f"{len(changes)} routines switched from generic to GMP's {'/'.join(targets)} code (CPU not known to GMP)"
+    targets = "/".join(sorted({name.rsplit("_", 1)[1] for _, name in changes}, key=TARGETS.index))
+    replaced = sorted({current[i][1] for i, _ in changes} - set(GENERIC))
+    if replaced:
+        return (f"{len(changes)} routines switched from GMP's {'/'.join(replaced)} code to its {targets} code "
+                f"(AMD family {family})")
+    return f"{len(changes)} routines switched from generic to GMP's {targets} code (CPU not known to GMP)"
 
 
 def apply() -> str:

@@ -1,10 +1,11 @@
-"""fastfib.gmp_dispatch: GMP's own routines for Intel CPUs that GMP 6.3.0 does not know.
+"""fastfib.gmp_dispatch: GMP's own faster routines where GMP 6.3.0 picks slower ones.
 
 The decision is a pure function (``plan``), tested on made-up tables. The
 switch itself is tested where it happens (on a CPU like this project's CI
-machine, where it must happen): the table read back, each switched routine
-against the generic one it replaced, and F(n) from a process with the switch
-against one with ``FASTFIB_GMP_DISPATCH=off``.
+machines, an Intel that GMP does not know or an AMD Zen 4, where it must
+happen): the table read back, each switched routine against the one it
+replaced, and F(n) from a process with the switch against one with
+``FASTFIB_GMP_DISPATCH=off``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ ALL_FLAGS = set(gd.REQUIRED_FLAGS) | {"sse2", "fpu"}
 
 def _generic_table() -> list[tuple[str, str]]:
     return [("mod_1" if f == "preinv_mod_1" else f, "x86_64") for f in gd.CPUVEC_FUNCS]
+
+
+def _zen_table() -> list[tuple[str, str]]:
+    """What GMP 6.3.0 chose on the AMD Zen 4 of a CI machine: zen where it has a zen routine."""
+    zen = {"addlsh1_n", "addmul_1", "com", "copyd", "copyi", "gcd_11", "lshift", "lshiftc", "mul_1", "mul_basecase",
+           "mullo_basecase", "rshift", "sqr_basecase", "sublsh1_n", "submul_1"}
+    return [(f, "zen") if f in zen else entry for f, entry in zip(gd.CPUVEC_FUNCS, _generic_table(), strict=True)]
 
 
 def _library(*variants: str) -> set[str]:
@@ -74,6 +82,29 @@ def test_plan_keeps_generic_code_on_a_cpu_without_the_instructions_or_not_intel(
         "kept generic: a AuthenticAMD CPU (the switch is for Intel CPUs)")
 
 
+def test_plan_on_amd_family_25_switches_the_five_basecase_multiplication_entries_from_zen():
+    lib = _library("x86_64", "zen", "coreibwl", "coreihwl")
+    changes = gd.plan(_zen_table(), lib, ALL_FLAGS, "AuthenticAMD", 25)
+    assert isinstance(changes, list)
+    assert {gd.CPUVEC_FUNCS[i]: name for i, name in changes} == {
+        f: f"__gmpn_{f}_coreibwl" for f in ("addmul_1", "mul_1", "mul_basecase", "mullo_basecase", "sqr_basecase")}
+
+
+def test_plan_on_amd_keeps_gmps_choice_outside_family_25_or_without_the_instructions_or_routines():
+    lib = _library("x86_64", "zen", "coreibwl")
+    assert gd.plan(_zen_table(), lib, ALL_FLAGS, "AuthenticAMD", 23) == "kept: GMP chose its zen code for this CPU"
+    assert gd.plan(_zen_table(), lib, ALL_FLAGS - {"adx"}, "AuthenticAMD", 25) == (
+        "kept: GMP's code for AMD family 25; the CPU lacks adx")
+    table = _zen_table()
+    table[gd.CPUVEC_FUNCS.index("mul_basecase")] = ("mul_basecase", "bd1")
+    assert gd.plan(table, lib, ALL_FLAGS, "AuthenticAMD", 25) == (
+        "kept: GMP chose its bd1 mul_basecase for this AMD family 25 CPU, not its zen one")
+    assert gd.plan(_zen_table(), _library("x86_64", "zen"), ALL_FLAGS, "AuthenticAMD", 25) == (
+        "kept: the library has no __gmpn_addmul_1_coreibwl")
+    # an Intel CPU of the same family number is not an AMD one
+    assert gd.plan(_zen_table(), lib, ALL_FLAGS, gd.VENDOR, 25) == "kept: GMP chose its zen code for this CPU"
+
+
 def test_plan_refuses_a_table_of_another_layout():
     lib = _library("x86_64", "coreibwl")
     table = _generic_table()
@@ -116,35 +147,51 @@ def test_apply_twice_changes_nothing_more():
     assert not re.match(r"kept: \w+(Error|Exception)\b", first), first  # a failure, not a decision
 
 
-def _must_switch() -> bool:
-    """Whether this machine is one where the switch must happen: an Intel CPU with the
-    instructions, and GMP 6.3.0 choosing generic routines for every entry (read in a process
-    with the switch off)."""
-    vendor, flags = gd._cpu()
-    if vendor != gd.VENDOR or not gd.REQUIRED_FLAGS <= flags or gmpy2.mp_version() != f"GMP {gd.GMP_VERSION}":
-        return False
-    table = json.loads(_run("import json; from fastfib import gmp_dispatch as gd; print(json.dumps(gd.read_table()))",
-                            {gd.ENV: "off"}))
-    return all(entry is not None and entry[1] in gd.GENERIC for entry in table)
-
-
-def test_the_switch_happens_where_gmp_chose_generic_code_and_names_the_routines_gmp_would():
-    status = gd.apply()
-    if not _must_switch():
-        assert not status.startswith(str(len(gd.PATCHED))), status
-        pytest.skip(f"GMP needs no switch on this machine: {status}")
-    assert status.startswith(f"{len(gd.PATCHED)} routines switched from generic"), status
-    table = dict(zip(gd.CPUVEC_FUNCS, gd.read_table(), strict=True))
-    # as GMP 6.3.0's fat initialisation layers them for a Broadwell: core2, ..., coreibwl
-    expected = {"sqr_basecase": "coreibwl", "mul_basecase": "coreibwl", "addmul_1": "coreibwl", "mul_1": "coreibwl",
+def _expected_switch() -> dict[str, str] | None:
+    """Where this machine is one where the switch must happen, the variant each switched entry
+    must then hold; else None. Must: GMP 6.3.0 and the instructions, and either an Intel CPU
+    for which GMP chose generic routines for every entry, or an AMD family 25 CPU for which it
+    chose its zen ones for the five basecase entries (read in a process with the switch off)."""
+    vendor, family, flags = gd._cpu()
+    if not gd.REQUIRED_FLAGS <= flags or gmpy2.mp_version() != f"GMP {gd.GMP_VERSION}":
+        return None
+    shipped = dict(zip(gd.CPUVEC_FUNCS, _shipped_table(), strict=True))
+    if vendor == gd.VENDOR and all(entry is not None and entry[1] in gd.GENERIC for entry in shipped.values()):
+        # as GMP 6.3.0's fat initialisation layers them for a Broadwell: core2, ..., coreibwl
+        return {"sqr_basecase": "coreibwl", "mul_basecase": "coreibwl", "addmul_1": "coreibwl", "mul_1": "coreibwl",
                 "addmul_2": "coreihwl", "add_n": "coreihwl", "sub_n": "coreihwl", "submul_1": "coreihwl",
                 "lshift": "coreisbr", "rshift": "coreisbr", "copyi": "core2", "com": "core2"}
-    assert {f: table[f][1] for f in expected} == expected
-    for func, (_, variant) in table.items():
-        assert (variant in gd.TARGETS) == (func in gd.PATCHED), (func, variant)
+    if vendor == gd.AMD_VENDOR and family in gd.AMD_FAMILIES and all(
+            shipped[f] == (f, gd.AMD_FROM) for f in gd.AMD_PATCHED):
+        return {f: gd.AMD_TARGET for f in gd.AMD_PATCHED}
+    return None
 
 
-# Each switched routine against the generic routine it replaced, on random limbs, sizes 1..40
+def _shipped_table() -> list[tuple[str, str] | None]:
+    return [tuple(e) if e else None for e in json.loads(_run(
+        "import json; from fastfib import gmp_dispatch as gd; print(json.dumps(gd.read_table()))", {gd.ENV: "off"}))]
+
+
+def test_the_switch_happens_where_gmp_picks_slower_code_and_names_the_routines_it_should():
+    status = gd.apply()
+    expected = _expected_switch()
+    if expected is None:
+        assert not gd.changed(), status
+        pytest.skip(f"GMP needs no switch on this machine: {status}")
+    table = dict(zip(gd.CPUVEC_FUNCS, gd.read_table(), strict=True))
+    shipped = dict(zip(gd.CPUVEC_FUNCS, _shipped_table(), strict=True))
+    assert {f: table[f][1] for f in expected} == expected, status
+    switched = {f for f in gd.CPUVEC_FUNCS if table[f] != shipped[f]}
+    if all(entry[1] in gd.GENERIC for entry in shipped.values()):
+        assert status.startswith(f"{len(gd.PATCHED)} routines switched from generic"), status
+        assert switched == set(gd.PATCHED)
+        assert all(table[f][1] in gd.TARGETS for f in switched)
+    else:
+        assert status.startswith(f"{len(gd.AMD_PATCHED)} routines switched from GMP's zen code"), status
+        assert switched == set(gd.AMD_PATCHED)
+
+
+# Each switched routine against the routine it replaced, on random limbs, sizes 1..40
 # (sqr_basecase: the sizes GMP calls it with), in a subprocess (a wrong routine could crash the process rather than answer wrong).
 _ROUTINES = r"""
 import ctypes, random, sys
@@ -202,12 +249,15 @@ print(checked, len(gd.changed()), sqr_max)
 """
 
 
-def test_each_switched_routine_computes_what_the_generic_one_it_replaced_does():
-    if not _must_switch():
+def test_each_switched_routine_computes_what_the_one_it_replaced_does():
+    expected = _expected_switch()
+    if expected is None:
         pytest.skip(f"GMP needs no switch on this machine: {gd.status()}")
     checked, routines, sqr_max = map(int, _run(_ROUTINES).split())
-    assert routines == len(gd.PATCHED) and sqr_max >= 16
-    assert checked == (routines - 2) * 40 + 39 + sqr_max  # addmul_2 from n=2, sqr_basecase below the threshold
+    funcs = gd.PATCHED if len(expected) > len(gd.AMD_PATCHED) else gd.AMD_PATCHED
+    assert routines == len(funcs) and sqr_max >= 16
+    # addmul_2 from n=2, sqr_basecase below the threshold, the rest 1..40
+    assert checked == sum(39 if f == "addmul_2" else sqr_max if f == "sqr_basecase" else 40 for f in funcs)
 
 
 _DIGESTS = """
@@ -249,7 +299,7 @@ def test_use_switched_toggles_between_the_shipped_and_the_switched_routines():
         shipped = gd.read_table()
         assert [i for i, (a, b) in enumerate(zip(shipped, switched, strict=True)) if a != b] == [
             i for i, _, _ in gd.changed()]
-        assert all(entry[1] in gd.GENERIC for entry in shipped)
+        assert shipped == _shipped_table()
         assert fastfib.fib_encoded(300_001, "binary") == want
     finally:
         gd.use_switched(True)
