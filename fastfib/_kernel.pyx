@@ -16,7 +16,8 @@ and the last step computes F(n) alone with one multiplication::
     F[2k+1] = (2 F[k] + F[k-1]) (2 F[k] - F[k-1]) + 2(-1)^k
 
 With ``threads=2`` the two squarings of a step run on two threads, and the
-last multiplication is split into two half-products (docs/kernel.md).
+last step squares F[k] and F[k-1] side by side instead of multiplying
+(docs/kernel.md).
 """
 
 # The kernel needs a 64-bit unsigned long: the n <= 93 table goes through
@@ -50,10 +51,8 @@ from fastfib.errors import FibRangeError
 
 cdef extern from "gmp.h":
     const char *gmp_version
-    void mpz_realloc2(mpz_ptr, mp_bitcnt_t) nogil
     size_t mpz_size(mpz_srcptr) nogil
     const mp_limb_t *mpz_limbs_read(mpz_srcptr) nogil
-    mpz_srcptr mpz_roinit_n(mpz_ptr, const mp_limb_t *, long) nogil
     enum: GMP_NUMB_BITS
     void mpz_init2(mpz_ptr, mp_bitcnt_t) nogil
     void mpz_clear(mpz_ptr) nogil
@@ -65,6 +64,8 @@ cdef extern from "gmp.h":
     void mpz_sub(mpz_ptr, mpz_srcptr, mpz_srcptr) nogil
     void mpz_add_ui(mpz_ptr, mpz_srcptr, unsigned long) nogil
     void mpz_sub_ui(mpz_ptr, mpz_srcptr, unsigned long) nogil
+    void mpz_mul_ui(mpz_ptr, mpz_srcptr, unsigned long) nogil
+    void mpz_submul_ui(mpz_ptr, mpz_srcptr, unsigned long) nogil
     size_t mpz_sizeinbase(mpz_srcptr, int) nogil
     char *mpz_get_str(char *, int, mpz_srcptr) nogil
     void *mpz_export(void *, size_t *, int, size_t, int, size_t, mpz_srcptr) nogil
@@ -178,7 +179,8 @@ cdef inline unsigned long _bit_length(unsigned long x) noexcept nogil:
 #
 # Each doubling step squares two independent numbers, F[m] and F[m-1]: the
 # helper squares one while the calling thread squares the other. The last
-# step's product is split in two half-products the same way.
+# step, one product on one thread, becomes the two squares of F[k] and F[k-1],
+# one on each thread (a square costs less than half of that product's time).
 #
 # The helper is created per call and exits at its end (no thread outlives a
 # call, so fork() and interpreter shutdown have nothing to deal with). Products
@@ -191,8 +193,8 @@ cdef inline unsigned long _bit_length(unsigned long x) noexcept nogil:
 # - each side waits for the other by spinning for a while (waking a sleeping
 #   thread takes tens of microseconds in this VM) and then sleeping on a
 #   semaphore;
-# - the last product is split only if the helper is spinning at that moment:
-#   two halves on one thread would cost about 1.5 products.
+# - the last step uses the two squares only if the helper is spinning at that
+#   moment: both on one thread would cost about 1.3 products.
 #
 # GMP allocates through malloc here (gmpy2 keeps GMP's default memory
 # functions; a test checks), which is thread-safe. The two threads never write
@@ -482,28 +484,9 @@ cdef inline void _mul2(Helper *h, mpz_ptr d1, mpz_srcptr x1, mpz_srcptr y1,
         fastfib_event_wait(&h.done, SPIN_NS + SPIN_NS_PER_LIMB * <long long>mpz_size(x1), NULL)
 
 
-cdef void _mul_split(Helper *h, mpz_ptr out, mpz_srcptr x, mpz_srcptr y, mpz_ptr tmp) noexcept nogil:
-    """out = x y; with a helper, as two half-products: y = hi 2^s + lo, out = (x hi) 2^s + x lo.
-
-    ``lo`` and ``hi`` are read-only views of y's limbs (mpz_roinit_n), not
-    copies. ``out`` and ``tmp`` must not alias x or y.
-    """
-    cdef mpz_t lo, hi
-    cdef size_t ny = mpz_size(y)
-    cdef size_t half = ny >> 1
-    cdef const mp_limb_t *yp = mpz_limbs_read(y)
-    # Two halves cost about 1.5 products on one thread: split only if the
-    # helper is spinning on a CPU right now, ready to take its half.
-    if h == NULL or fastfib_now_ns() - fastfib_load_ll(&h.beat) > BEAT_FRESH_NS:
-        mpz_mul(out, x, y)
-        return
-    mpz_roinit_n(lo, yp, <long>half)
-    mpz_roinit_n(hi, yp + half, <long>(ny - half))
-    # Sized for the whole product, so that the shift below does not reallocate.
-    mpz_realloc2(out, (mpz_size(x) + ny + 1) * GMP_NUMB_BITS)
-    _mul2(h, out, x, hi, tmp, x, lo)
-    mpz_mul_2exp(out, out, half * GMP_NUMB_BITS)
-    mpz_add(out, out, tmp)
+cdef inline bint _helper_ready(Helper *h) noexcept nogil:
+    """Whether the helper is spinning on a CPU right now (its heartbeat is fresh), ready to take a product."""
+    return h != NULL and fastfib_now_ns() - fastfib_load_ll(&h.beat) <= BEAT_FRESH_NS
 
 
 cdef int fib_into(mpz_ptr out, unsigned long n, int threads=1) except -1 nogil:
@@ -1055,17 +1038,30 @@ cdef void _doubling(mpz_ptr out, unsigned long n, mpz_ptr fk, mpz_ptr fk1, mpz_p
             m = 2 * m
         shift -= 1
 
-    # Last step: F(n) alone from F[k], F[k-1], one multiplication, split in
-    # two half-products with a helper. F[k] and F[k-1] are free once the
-    # factors are made: one of them holds the helper's half.
-    if k < PAR_MIN_M:
-        h = NULL
-    if n & 1:
+    # Last step: F(n) alone from F[k], F[k-1]. On one thread, one multiplication.
+    # With a helper ready (spinning on a CPU), the squares of F[k] and F[k-1]
+    # instead, one on each thread: a square costs 0.60-0.72 of that product
+    # (docs/kernel.md), and taking back an unclaimed one would cost more than it.
+    if k >= PAR_MIN_M and _helper_ready(h):
+        _mul2(h, a, fk, fk, b, fk1, fk1)
+        if n & 1:
+            # F[2k+1] = 4F[k]^2 - F[k-1]^2 + 2(-1)^k
+            mpz_mul_2exp(out, a, 2)
+            mpz_sub(out, out, b)
+        else:
+            # F[2k] = F[2k+1] - F[2k-1] = 3F[k]^2 - 2F[k-1]^2 + 2(-1)^k
+            mpz_mul_ui(out, a, 3)
+            mpz_submul_ui(out, b, 2)
+        if k & 1:
+            mpz_sub_ui(out, out, 2)
+        else:
+            mpz_add_ui(out, out, 2)
+    elif n & 1:
         # F[2k+1] = (2F[k] + F[k-1]) (2F[k] - F[k-1]) + 2(-1)^k
         mpz_mul_2exp(a, fk, 1)
         mpz_add(b, a, fk1)
         mpz_sub(a, a, fk1)
-        _mul_split(h, out, a, b, fk)
+        mpz_mul(out, a, b)
         if k & 1:
             mpz_sub_ui(out, out, 2)
         else:
@@ -1074,7 +1070,7 @@ cdef void _doubling(mpz_ptr out, unsigned long n, mpz_ptr fk, mpz_ptr fk1, mpz_p
         # F[2k] = F[k] (F[k] + 2F[k-1])
         mpz_mul_2exp(a, fk1, 1)
         mpz_add(a, a, fk)
-        _mul_split(h, out, fk, a, fk1)
+        mpz_mul(out, fk, a)
 
 
 cdef unsigned long _check_n(object n) except? 0:
