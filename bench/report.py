@@ -233,9 +233,14 @@ def fmt_rate(r) -> str:
 
 
 def fmt_ratio(t: dict) -> str:
+    """The ratio with two decimals, or more where two would show it equal to its threshold (1.0991
+    against >= 1.1 reads 1.099×, not a failing 1.10×)."""
     if t["ratio"] is None:
         return "–"
-    return f"{t['ratio']:.2f}×"
+    ratio, threshold, digits = t["ratio"], t.get("threshold"), 2
+    while threshold is not None and ratio != threshold and round(ratio, digits) == threshold and digits < 6:
+        digits += 1
+    return f"{ratio:.{digits}f}×"
 
 
 def verdict(t: dict, quick: bool = False) -> str:

@@ -27,6 +27,15 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # --- no broker -----------------------------------------------------------------------------
 
 
+def test_a_ratio_is_never_shown_equal_to_the_threshold_it_misses():
+    # b2 of 2026-12-01: 1.0991 against >= 1.1 was shown as a failing "1.10×"
+    assert report.fmt_ratio({"ratio": 1.0991, "threshold": 1.1}) == "1.099×"
+    assert report.fmt_ratio({"ratio": 0.74986, "threshold": 0.75}) == "0.7499×"
+    assert report.fmt_ratio({"ratio": 1.24, "threshold": 1.1}) == "1.24×"
+    assert report.fmt_ratio({"ratio": 1.1, "threshold": 1.1}) == "1.10×"
+    assert report.fmt_ratio({"ratio": None, "threshold": 1.1}) == "–"
+
+
 def test_distinct_workload_never_repeats_within_a_run():
     lo, hi = harness.DISTINCT_RANGE
     seen = set()
