@@ -6,8 +6,8 @@ In one process, each repeat draws a fresh n in [10^5, 10^6] and times
 ``gmpy2.fib(n)`` and ``fastfib.fib_encoded(n, "binary")`` with GMP's shipped
 routines and with the switched ones, the four in a shuffled order; then a
 few rounds at 10^7 the same way. It prints the medians of the per-repeat
-ratios switched / shipped. On a CPU that GMP knows, nothing was switched and
-it says so.
+ratios switched / shipped. Where fastfib.gmp_dispatch switched nothing (GMP
+chose well for this CPU, or the checks did not hold) it says so.
 """
 
 from __future__ import annotations

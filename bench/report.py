@@ -369,7 +369,8 @@ def write_markdown(report: dict, out: Path) -> Path:
         "|---|---|---|---|---|---|",
     ]
     for t in report["targets"]:
-        by_rep = ", ".join(f"{x:.2f}" for x in t.get("ratios_by_repeat") or [])
+        by_rep = ", ".join(fmt_ratio({"ratio": x, "threshold": t["threshold"]})[:-1]
+                           for x in t.get("ratios_by_repeat") or [])
         if t.get("detail"):
             by_rep = (by_rep + "; " if by_rep else "") + t["detail"]
         if t["status"] != "measured":

@@ -52,8 +52,6 @@ from fastfib.errors import FibRangeError
 cdef extern from "gmp.h":
     const char *gmp_version
     size_t mpz_size(mpz_srcptr) nogil
-    const mp_limb_t *mpz_limbs_read(mpz_srcptr) nogil
-    enum: GMP_NUMB_BITS
     void mpz_init2(mpz_ptr, mp_bitcnt_t) nogil
     void mpz_clear(mpz_ptr) nogil
     void mpz_set_ui(mpz_ptr, unsigned long) nogil
@@ -180,7 +178,8 @@ cdef inline unsigned long _bit_length(unsigned long x) noexcept nogil:
 # Each doubling step squares two independent numbers, F[m] and F[m-1]: the
 # helper squares one while the calling thread squares the other. The last
 # step, one product on one thread, becomes the two squares of F[k] and F[k-1],
-# one on each thread (a square costs less than half of that product's time).
+# one on each thread (a square costs less than either half of the product split
+# in two: docs/kernel.md).
 #
 # The helper is created per call and exits at its end (no thread outlives a
 # call, so fork() and interpreter shutdown have nothing to deal with). Products
@@ -358,6 +357,9 @@ _NOGIL_MIN_N = NOGIL_MIN_N
 
 # Helper threads started by this process (for the tests: _helpers_started).
 cdef int _helper_count = 0
+# Last steps computed as two squares on two threads, odd n and even n (for the tests: _squared_last_steps).
+cdef int _squared_odd = 0
+cdef int _squared_even = 0
 
 # Tests only (_set_helper_delay): the helper sleeps this long before it claims
 # a product, so that the caller takes products back and stale wake-ups happen.
@@ -974,6 +976,11 @@ def _helpers_started():
     return fastfib_load_int(&_helper_count)
 
 
+def _squared_last_steps():
+    """Tests only: how many last steps were two squares on two threads, as (odd n, even n)."""
+    return fastfib_load_int(&_squared_odd), fastfib_load_int(&_squared_even)
+
+
 # Temporaries for small n, reused from call to call so that a call allocates
 # nothing. Only touched while the GIL is held, which serialises their users.
 cdef mpz_t _small_fk, _small_fk1, _small_a, _small_b, _small_out
@@ -1048,10 +1055,12 @@ cdef void _doubling(mpz_ptr out, unsigned long n, mpz_ptr fk, mpz_ptr fk1, mpz_p
             # F[2k+1] = 4F[k]^2 - F[k-1]^2 + 2(-1)^k
             mpz_mul_2exp(out, a, 2)
             mpz_sub(out, out, b)
+            fastfib_count(&_squared_odd)
         else:
             # F[2k] = F[2k+1] - F[2k-1] = 3F[k]^2 - 2F[k-1]^2 + 2(-1)^k
             mpz_mul_ui(out, a, 3)
             mpz_submul_ui(out, b, 2)
+            fastfib_count(&_squared_even)
         if k & 1:
             mpz_sub_ui(out, out, 2)
         else:

@@ -12,8 +12,8 @@ same library can make it (docs/kernel.md):
 - **AMD family 25** (Zen 3 and Zen 4) gets GMP's zen routines, whose
   basecase multiplication adds its partial products with one ``adc`` carry
   chain. GMP's Broadwell routines for the same five entries run two
-  (``adcx``/``adox``); on a Zen 4 (model 17) they took 0.82–0.88× the time
-  per F(n).
+  (``adcx``/``adox``); on a Zen 4 (model 17) they took
+  0.86–0.90× the time per F(n).
 
 :func:`apply` points the table's entries at GMP's own better routines when
 all of these hold, and otherwise changes nothing:
@@ -26,10 +26,12 @@ all of these hold, and otherwise changes nothing:
 - Intel: GMP chose generic code for every entry (it did not know the CPU);
   then the multiplication and linear-arithmetic entries get the routines GMP
   itself picks for a Broadwell or later Intel CPU;
-- AMD family 25: GMP chose its zen code for the five basecase
-  multiplication entries (``addmul_1``, ``mul_1``, ``mul_basecase``,
-  ``mullo_basecase``, ``sqr_basecase``); then those five get GMP's
-  Broadwell (``coreibwl``) routines and the rest stays as GMP chose it.
+- AMD family 25, model 17, the one measured (:data:`AMD_MODELS`): GMP chose
+  its zen code for the five basecase multiplication entries (``addmul_1``,
+  ``mul_1``, ``mul_basecase``, ``mullo_basecase``, ``sqr_basecase``); then
+  those five get GMP's Broadwell (``coreibwl``) routines and the rest stays
+  as GMP chose it. Other AMD models keep GMP's choice: how fast
+  ``adcx``/``adox`` run differs between generations.
 
 Division, modular and gcd entries are left as they are (some of them come
 in pairs that share precomputed tables, and F(n) does not use them), as are
@@ -47,6 +49,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import sys
 
 log = logging.getLogger(__name__)
@@ -81,9 +84,10 @@ OTHER_VARIANTS = ("k8", "k10", "bd1", "bt1", "bt2", "zen", "pentium4", "atom", "
 #: conservative margin.
 REQUIRED_FLAGS = frozenset({"ssse3", "sse4_1", "sse4_2", "popcnt", "avx", "avx2", "bmi1", "bmi2", "adx"})
 VENDOR = "GenuineIntel"
-#: AMD: the families whose zen routines are replaced, the entries replaced, and with what.
+#: AMD: the (family, model) pairs whose zen routines are replaced (those measured faster:
+#: docs/kernel.md), the entries replaced, and with what.
 AMD_VENDOR = "AuthenticAMD"
-AMD_FAMILIES = frozenset({25})
+AMD_MODELS = frozenset({(25, 17)})
 AMD_FROM = "zen"
 AMD_PATCHED = ("addmul_1", "mul_1", "mul_basecase", "mullo_basecase", "sqr_basecase")
 AMD_TARGET = "coreibwl"
@@ -99,13 +103,13 @@ _changed: list[tuple[int, int, int]] = []
 
 
 def plan(current: list[tuple[str, str] | None], available: set[str], flags: set[str],
-         vendor: str = VENDOR, family: int = 6) -> list[tuple[int, str]] | str:
+         vendor: str = VENDOR, family: int = 6, model: int = 0) -> list[tuple[int, str]] | str:
     """The entries to change, as (index, routine name), or the reason to change nothing.
 
     ``current`` is, for each entry of the table, (function, variant) of the routine it
     holds, or None if it holds no routine of a known name; ``available`` the exported
     routine names of the library (``__gmpn_<function>_<variant>``); ``flags``,
-    ``vendor`` and ``family`` the CPU's. Pure: it reads and writes no memory.
+    ``vendor``, ``family`` and ``model`` the CPU's. Pure: it reads and writes no memory.
     """
     if len(current) != len(CPUVEC_FUNCS):
         return f"the table has {len(current)} entries, GMP {GMP_VERSION}'s has {len(CPUVEC_FUNCS)}"
@@ -113,7 +117,7 @@ def plan(current: list[tuple[str, str] | None], available: set[str], flags: set[
         if entry is None or entry[0] not in (func, STAND_INS.get(func)):
             return f"entry {i} is not {func} (another GMP layout)"
     chosen = sorted({variant for _, variant in current} - set(GENERIC))
-    if chosen and vendor == AMD_VENDOR and family in AMD_FAMILIES:
+    if chosen and vendor == AMD_VENDOR and (family, model) in AMD_MODELS:
         return _plan_zen(current, available, flags, family)
     if chosen:
         return f"kept: GMP chose its {'/'.join(chosen)} code for this CPU"
@@ -158,19 +162,21 @@ def status() -> str:
     return _status
 
 
-def _cpu() -> tuple[str, int, set[str]]:
-    """The first CPU's vendor, family and flags, from /proc/cpuinfo."""
-    vendor, family, flags = "", -1, set()
+def _cpu() -> tuple[str, int, int, set[str]]:
+    """The first CPU's vendor, family, model and flags, from /proc/cpuinfo."""
+    vendor, family, model, flags = "", -1, -1, set()
     with open("/proc/cpuinfo") as fh:
         for line in fh:
             if line.startswith("vendor_id") and not vendor:
                 vendor = line.split(":", 1)[1].strip()
             elif line.startswith("cpu family") and family < 0:
                 family = int(line.split(":", 1)[1])
+            elif re.match(r"model\s*:", line) and model < 0:
+                model = int(line.split(":", 1)[1])
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    return vendor, family, flags
+    return vendor, family, model, flags
 
 
 def _loaded_libgmp() -> list[str]:
@@ -249,9 +255,9 @@ def _apply() -> str:
         return f"kept: {exc}"
     if gmp.version != GMP_VERSION:
         return f"kept: GMP {gmp.version}, not {GMP_VERSION}"
-    vendor, family, flags = _cpu()
+    vendor, family, model, flags = _cpu()
     current = gmp.current()
-    changes = plan(current, gmp.available, flags, vendor, family)
+    changes = plan(current, gmp.available, flags, vendor, family, model)
     if isinstance(changes, str):
         return changes
     global _table
@@ -264,13 +270,13 @@ def _apply() -> str:
     replaced = sorted({current[i][1] for i, _ in changes} - set(GENERIC))
     if replaced:
         return (f"{len(changes)} routines switched from GMP's {'/'.join(replaced)} code to its {targets} code "
-                f"(AMD family {family})")
+                f"(AMD family {family}, model {model})")
     return f"{len(changes)} routines switched from generic to GMP's {targets} code (CPU not known to GMP)"
 
 
 def apply() -> str:
-    """Point GMP at its own routines for this CPU where it chose generic ones (see the module
-    docstring); return, and keep for :func:`status`, what was done. Never raises; once
+    """Point GMP at its own faster routines where it chose slower ones for this CPU (see the
+    module docstring); return, and keep for :func:`status`, what was done. Never raises; once
     done, a later call returns the same answer and changes nothing."""
     global _status, _applied
     if _applied:

@@ -94,6 +94,23 @@ def test_each_step_boundary():
         assert fib(n, threads=2) == gmpy2.fib(n), n
 
 
+def test_last_step_as_two_squares_for_odd_and_even_n():
+    # With the helper ready, the last step is F[k]^2 and F[k-1]^2 on the two threads,
+    # combined by one formula for odd n and another for even n: both must run, and agree.
+    # The helper is "ready" when it spins on a CPU of its own at that moment.
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: the helper is never spinning on a CPU of its own at the last step")
+    before = _kernel._squared_last_steps()
+    for _ in range(20):
+        for k in range(20, 24):
+            for n in (2**k - 1, 2**k, 2**k + 1, 3 * 2**(k - 1)):
+                assert fib(n, threads=2) == gmpy2.fib(n), n
+        odd, even = (x - y for x, y in zip(_kernel._squared_last_steps(), before, strict=True))
+        if odd and even:
+            break
+    assert odd > 0 and even > 0, (odd, even)
+
+
 def test_random_n_two_threads():
     rng = random.Random(8)
     for n in [rng.randrange(THREADS_MIN_N, 3 * 10**6) for _ in range(30)]:
