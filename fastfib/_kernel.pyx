@@ -1048,7 +1048,8 @@ cdef void _doubling(mpz_ptr out, unsigned long n, mpz_ptr fk, mpz_ptr fk1, mpz_p
     # Last step: F(n) alone from F[k], F[k-1]. On one thread, one multiplication.
     # With a helper ready (spinning on a CPU), the squares of F[k] and F[k-1]
     # instead, one on each thread: a square costs 0.60-0.72 of that product
-    # (docs/kernel.md), and taking back an unclaimed one would cost more than it.
+    # (docs/kernel.md). Only then: both squares on this thread would cost more
+    # than the one product.
     if k >= PAR_MIN_M and _helper_ready(h):
         _mul2(h, a, fk, fk, b, fk1, fk1)
         if n & 1:
