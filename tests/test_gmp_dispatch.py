@@ -10,6 +10,7 @@ replaced, and F(n) from a process with the switch against one with
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -175,8 +176,10 @@ def _expected_switch() -> tuple[str, dict[str, str]] | None:
     return None
 
 
+@functools.cache  # the same in every process of this session: read once, not once per test
 def _shipped_table() -> list[tuple[str, str] | None] | None:
-    """The table as GMP filled it, read in a process with the switch off; None where there is no table."""
+    """The table as GMP filled it, read in a process with the switch off; None where there is no table.
+    Not to be mutated (it is shared)."""
     out = json.loads(_run(
         "import json\nfrom fastfib import gmp_dispatch as gd\n"
         "try:\n    t = gd.read_table()\nexcept LookupError:\n    t = None\nprint(json.dumps(t))", {gd.ENV: "off"}))
