@@ -14,6 +14,9 @@ same library can make it (docs/kernel.md):
   chain. GMP's Broadwell routines for the same five entries run two
   (``adcx``/``adox``); on a Zen 4 (model 17) they took
   0.86–0.90× the time per F(n).
+- **AMD family 26** (Zen 5), which GMP 6.3.0 does not know, gets its generic
+  routines; GMP's zen routines, which it picks itself for families 23 and 25,
+  took about 0.71× the time per F(n) on a family 26, model 2.
 
 :func:`apply` points the table's entries at GMP's own better routines when
 all of these hold, and otherwise changes nothing:
@@ -26,6 +29,8 @@ all of these hold, and otherwise changes nothing:
 - Intel: GMP chose generic code for every entry (it did not know the CPU);
   then the multiplication and linear-arithmetic entries get the routines GMP
   itself picks for a Broadwell or later Intel CPU;
+- AMD family 26 (:data:`AMD_NEW_FAMILIES`), any model: likewise generic code
+  for every entry; then those entries get GMP's zen routine where it has one;
 - AMD family 25, model 17, the one measured (:data:`AMD_MODELS`): GMP chose
   its zen code for the five basecase multiplication entries (``addmul_1``,
   ``mul_1``, ``mul_basecase``, ``mullo_basecase``, ``sqr_basecase``); then
@@ -91,6 +96,9 @@ AMD_MODELS = frozenset({(25, 17)})
 AMD_FROM = "zen"
 AMD_PATCHED = ("addmul_1", "mul_1", "mul_basecase", "mullo_basecase", "sqr_basecase")
 AMD_TARGET = "coreibwl"
+#: AMD families that GMP 6.3.0 does not know (it gives them generic code) and that were measured
+#: faster with its zen routines: 26 (Zen 5).
+AMD_NEW_FAMILIES = frozenset({26})
 GMP_VERSION = "6.3.0"
 #: The values of ENV that turn the switch off.
 OFF = ("off", "0", "false", "no")
@@ -121,8 +129,13 @@ def plan(current: list[tuple[str, str] | None], available: set[str], flags: set[
         return _plan_zen(current, available, flags, family)
     if chosen:
         return f"kept: GMP chose its {'/'.join(chosen)} code for this CPU"
-    if vendor != VENDOR:
-        return f"kept generic: a {vendor or 'unknown'} CPU (the switch is for Intel CPUs)"
+    if vendor == VENDOR:
+        targets = TARGETS
+    elif vendor == AMD_VENDOR and family in AMD_NEW_FAMILIES:
+        targets = (AMD_FROM,)  # what GMP 6.3.0 itself picks for the Zen families it knows
+    else:
+        return f"kept generic: a {vendor or 'unknown'} CPU of family {family} (the switch is for Intel CPUs " \
+               f"and AMD family {'/'.join(map(str, sorted(AMD_NEW_FAMILIES)))})"
     missing = sorted(REQUIRED_FLAGS - flags)
     if missing:
         return f"kept generic: the CPU lacks {', '.join(missing)}"
@@ -130,7 +143,7 @@ def plan(current: list[tuple[str, str] | None], available: set[str], flags: set[
     for i, func in enumerate(CPUVEC_FUNCS):
         if func not in PATCHED:
             continue
-        for target in TARGETS:
+        for target in targets:
             name = f"__gmpn_{func}_{target}"
             if name in available:
                 changes.append((i, name))
@@ -266,12 +279,13 @@ def _apply() -> str:
         new = gmp.address(name)
         _changed.append((i, gmp.slots[i], new))
         gmp.slots[i] = new
-    targets = "/".join(sorted({name.rsplit("_", 1)[1] for _, name in changes}, key=TARGETS.index))
+    targets = "/".join(sorted({name.rsplit("_", 1)[1] for _, name in changes}, key=(TARGETS + OTHER_VARIANTS).index))
     replaced = sorted({current[i][1] for i, _ in changes} - set(GENERIC))
     if replaced:
         return (f"{len(changes)} routines switched from GMP's {'/'.join(replaced)} code to its {targets} code "
                 f"(AMD family {family}, model {model})")
-    return f"{len(changes)} routines switched from generic to GMP's {targets} code (CPU not known to GMP)"
+    cpu = f"AMD family {family}, model {model}, " if vendor == AMD_VENDOR else ""
+    return f"{len(changes)} routines switched from generic to GMP's {targets} code ({cpu}CPU not known to GMP)"
 
 
 def apply() -> str:

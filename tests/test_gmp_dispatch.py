@@ -79,8 +79,27 @@ def test_plan_keeps_what_gmp_chose_for_a_cpu_it_knows():
 def test_plan_keeps_generic_code_on_a_cpu_without_the_instructions_or_not_intel():
     lib = _library("x86_64", "coreibwl")
     assert gd.plan(_generic_table(), lib, ALL_FLAGS - {"adx", "bmi2"}) == "kept generic: the CPU lacks adx, bmi2"
-    assert gd.plan(_generic_table(), lib, ALL_FLAGS, "AuthenticAMD") == (
-        "kept generic: a AuthenticAMD CPU (the switch is for Intel CPUs)")
+    assert gd.plan(_generic_table(), lib, ALL_FLAGS, "AuthenticAMD", 23, 1) == (
+        "kept generic: a AuthenticAMD CPU of family 23 (the switch is for Intel CPUs and AMD family 26)")
+
+
+def test_plan_on_amd_family_26_takes_gmps_zen_routines_where_the_library_has_them():
+    zen = {f for f, v in _zen_table() if v == "zen"} & gd.PATCHED
+    lib = _library("x86_64", "coreibwl") | {f"__gmpn_{f}_zen" for f in zen}
+    changes = gd.plan(_generic_table(), lib, ALL_FLAGS, "AuthenticAMD", 26, 2)
+    assert isinstance(changes, list)
+    assert {gd.CPUVEC_FUNCS[i]: name for i, name in changes} == {f: f"__gmpn_{f}_zen" for f in zen}
+    assert "gcd_11" not in zen and len(zen) == 14  # only multiplication and linear arithmetic
+    # any model of the family; not another family, nor without the instructions or the routines
+    assert isinstance(gd.plan(_generic_table(), lib, ALL_FLAGS, "AuthenticAMD", 26, 68), list)
+    assert gd.plan(_generic_table(), lib, ALL_FLAGS, "AuthenticAMD", 27, 2).startswith(
+        "kept generic: a AuthenticAMD CPU of family 27")
+    assert gd.plan(_generic_table(), lib, ALL_FLAGS - {"bmi2"}, "AuthenticAMD", 26, 2) == (
+        "kept generic: the CPU lacks bmi2")
+    assert gd.plan(_generic_table(), _library("x86_64", "coreibwl"), ALL_FLAGS, "AuthenticAMD", 26, 2) == (
+        "kept generic: the library has no CPU-specific routines")
+    # where GMP knew the CPU (a later GMP), its choice stands
+    assert gd.plan(_zen_table(), lib, ALL_FLAGS, "AuthenticAMD", 26, 2) == "kept: GMP chose its zen code for this CPU"
 
 
 def test_plan_on_amd_family_25_switches_the_five_basecase_multiplication_entries_from_zen():
@@ -151,15 +170,17 @@ def test_apply_twice_changes_nothing_more():
 
 
 def _expected_switch() -> tuple[str, dict[str, str]] | None:
-    """Where this machine is one where the switch must happen: which case ("intel" or "amd")
-    and the variant each switched entry must then hold; else None. Must: GMP 6.3.0 and the
-    instructions, and either an Intel CPU for which GMP chose generic routines for every
-    entry, or an AMD CPU of a measured model for which it chose its zen ones for the five
-    basecase entries (read in a process with the switch off)."""
+    """Where this machine is one where the switch must happen: which case ("intel", "amd" or
+    "amd-new") and the variant each switched entry must then hold; else None. Must: GMP 6.3.0
+    and the instructions, and either an Intel CPU or an AMD CPU of a family GMP does not know
+    for which GMP chose generic routines for every entry, or an AMD CPU of a measured model for
+    which it chose its zen ones for the five basecase entries (read in a process with the switch
+    off)."""
     vendor, family, model, flags = gd._cpu()
     if not gd.REQUIRED_FLAGS <= flags or gmpy2.mp_version() != f"GMP {gd.GMP_VERSION}":
         return None
-    if vendor != gd.VENDOR and not (vendor == gd.AMD_VENDOR and (family, model) in gd.AMD_MODELS):
+    if vendor != gd.VENDOR and not (vendor == gd.AMD_VENDOR and ((family, model) in gd.AMD_MODELS
+                                                                 or family in gd.AMD_NEW_FAMILIES)):
         return None
     table = _shipped_table()
     if table is None or None in table:
@@ -173,6 +194,9 @@ def _expected_switch() -> tuple[str, dict[str, str]] | None:
                          "com": "core2"}
     if vendor == gd.AMD_VENDOR and all(shipped[f] == (f, gd.AMD_FROM) for f in gd.AMD_PATCHED):
         return "amd", {f: gd.AMD_TARGET for f in gd.AMD_PATCHED}
+    if vendor == gd.AMD_VENDOR and all(entry[1] in gd.GENERIC for entry in shipped.values()):
+        # what GMP 6.3.0 chose on a Zen 4 (family 25) for the entries the switch may change
+        return "amd-new", {f: v for f, v in _zen_table() if v == "zen" and f in gd.PATCHED}
     return None
 
 
@@ -201,6 +225,9 @@ def test_the_switch_happens_where_gmp_picks_slower_code_and_names_the_routines_i
         assert status.startswith(f"{len(gd.PATCHED)} routines switched from generic"), status
         assert switched == set(gd.PATCHED)
         assert all(table[f][1] in gd.TARGETS for f in switched)
+    elif case == "amd-new":
+        assert status.startswith(f"{len(expected)} routines switched from generic to GMP's zen code (AMD family"), status
+        assert switched == set(expected)
     else:
         assert status.startswith(f"{len(gd.AMD_PATCHED)} routines switched from GMP's zen code"), status
         assert switched == set(gd.AMD_PATCHED)
@@ -269,7 +296,7 @@ def test_each_switched_routine_computes_what_the_one_it_replaced_does():
     if found is None:
         pytest.skip(f"GMP needs no switch on this machine: {gd.status()}")
     checked, routines, sqr_max = map(int, _run(_ROUTINES).split())
-    funcs = gd.PATCHED if found[0] == "intel" else gd.AMD_PATCHED
+    funcs = {"intel": gd.PATCHED, "amd": gd.AMD_PATCHED, "amd-new": found[1]}[found[0]]
     assert routines == len(funcs) and sqr_max >= 16
     # addmul_2 from n=2, sqr_basecase below the threshold, the rest 1..40
     assert checked == sum(39 if f == "addmul_2" else sqr_max if f == "sqr_basecase" else 40 for f in funcs)
