@@ -205,15 +205,18 @@ def test_timeout_without_consumer_and_the_request_expires(broker_url, queue):
 def test_many_concurrent_timeouts(broker_url, queue):
     async def main():
         async with AsyncFibonacciRpcClient(broker_url, queue) as client:
-            start = time.monotonic()
-            with pytest.raises(RpcTimeout):
-                await client.call(0, timeout=0.5)
-            one = time.monotonic() - start
-            start = time.monotonic()
-            results = await asyncio.gather(*(client.call(n, timeout=0.5) for n in range(200)), return_exceptions=True)
+            calls = [asyncio.ensure_future(client.call(n, timeout=0.5)) for n in range(200)]
+            # The 200 calls wait side by side, each with its own timer: all are in flight at once
+            # (calls made one after the other would have one in flight at a time).
+            for _ in range(100):
+                await asyncio.sleep(0)
+                if len(client._pending) == len(calls):
+                    break
+            assert len(client._pending) == len(calls)
+            assert not any(c.done() for c in calls)
+            results = await asyncio.gather(*calls, return_exceptions=True)
             assert all(isinstance(r, RpcTimeout) and "1 consumer" in str(r) for r in results)
-            # The 200 timeouts run side by side: one after the other would take 200 times as long as one.
-            assert time.monotonic() - start < 20 * one
+            assert not client._pending
 
     with FixtureServer(queue, silent_handler):
         run(main())
