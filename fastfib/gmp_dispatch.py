@@ -2,7 +2,7 @@
 
 The GMP that gmpy2's wheel ships is a "fat" build: at its first call it reads
 the CPU model and fills ``__gmpn_cpuvec``, a table of pointers to the
-assembly routines written for that CPU. Two cases leave F(n) slower than the
+assembly routines written for that CPU. Three cases leave F(n) slower than the
 same library can make it (docs/kernel.md):
 
 - **An Intel model that GMP 6.3.0 does not know** (newer Xeons, such as the
@@ -15,8 +15,8 @@ same library can make it (docs/kernel.md):
   (``adcx``/``adox``); on a Zen 4 (model 17) they took
   0.86–0.90× the time per F(n).
 - **AMD family 26** (Zen 5), which GMP 6.3.0 does not know, gets its generic
-  routines; GMP's zen routines, which it picks itself for families 23 and 25,
-  took about 0.71× the time per F(n) on a family 26, model 2.
+  routines; GMP's zen routines, which it picks itself for family 25, took
+  about 0.70× the time per F(n) on a family 26, model 2.
 
 :func:`apply` points the table's entries at GMP's own better routines when
 all of these hold, and otherwise changes nothing:
