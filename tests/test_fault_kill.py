@@ -34,6 +34,7 @@ from fastfib import FibonacciRpcClient
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 WORKERS = 2
+KILL_EVERY = 2000  # product-client calls answered between two kills
 
 
 class _DuplicateCounter(logging.Handler):
@@ -117,22 +118,28 @@ def test_kill_9_of_random_workers_during_20000_calls_loses_nothing(queue, broker
     with Pool(queue, "--prefetch", "32", workers=WORKERS) as pool:
         pool.wait_ready()
         started = time.monotonic()
-        loads = [threading.Thread(target=_load, args=(broker_url, queue, ns, fmt, out, key), daemon=True)
+        loads = [threading.Thread(target=_load, args=(broker_url, queue, ns, fmt, out, key, 500), daemon=True)
                  for ns, fmt, key in ((ns_a, "binary", "a"), (ns_b, "decimal", "b"))]
         loads.append(threading.Thread(target=raw_load, daemon=True))
         for thread in loads:
             thread.start()
         kills: list[int] = []
-        # Kill a random live worker every 0.4-1.0 s while the load runs (at most 10 kills: the
-        # supervisor's restart backoff doubles with each quick death of a slot).
-        while any(t.is_alive() for t in loads) and len(kills) < 10 and time.monotonic() - started < 120:
-            time.sleep(rng.uniform(0.4, 1.0))
-            pids = pool.worker_pids()
+        # Kill a random live worker each time the product clients have answered another KILL_EVERY
+        # calls, from KILL_EVERY / 2 on: the kills follow the load's progress, not the clock, so that
+        # they spread over it on a fast machine as on a slow one (8 at most: the supervisor's restart
+        # backoff doubles with each quick death of a slot).
+        next_kill, total = KILL_EVERY // 2, len(ns_a) + len(ns_b)
+        while any(t.is_alive() for t in loads) and next_kill < total and time.monotonic() - started < 120:
+            time.sleep(0.005)
+            if out.get("a_done", 0) + out.get("b_done", 0) < next_kill:
+                continue
+            pids = [pid for pid in pool.worker_pids() if pid not in kills]
             if pids:
                 victim = rng.choice(pids)
                 try:
                     os.kill(victim, signal.SIGKILL)
                     kills.append(victim)
+                    next_kill += KILL_EVERY
                 except ProcessLookupError:
                     pass
         for thread in loads:
