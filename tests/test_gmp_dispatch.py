@@ -192,9 +192,9 @@ def _expected_switch() -> tuple[str, dict[str, str]] | None:
                          "mul_1": "coreibwl", "addmul_2": "coreihwl", "add_n": "coreihwl", "sub_n": "coreihwl",
                          "submul_1": "coreihwl", "lshift": "coreisbr", "rshift": "coreisbr", "copyi": "core2",
                          "com": "core2"}
-    if vendor == gd.AMD_VENDOR and all(shipped[f] == (f, gd.AMD_FROM) for f in gd.AMD_PATCHED):
+    if (family, model) in gd.AMD_MODELS and all(shipped[f] == (f, gd.AMD_FROM) for f in gd.AMD_PATCHED):
         return "amd", {f: gd.AMD_TARGET for f in gd.AMD_PATCHED}
-    if vendor == gd.AMD_VENDOR and all(entry[1] in gd.GENERIC for entry in shipped.values()):
+    if family in gd.AMD_NEW_FAMILIES and all(entry[1] in gd.GENERIC for entry in shipped.values()):
         # what GMP 6.3.0 chose on a Zen 4 (family 25) for the entries the switch may change
         return "amd-new", {f: v for f, v in _zen_table() if v == "zen" and f in gd.PATCHED}
     return None
